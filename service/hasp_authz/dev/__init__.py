@@ -1,0 +1,1 @@
+"""The local stack behind ``make run``: Redis, demo upstream and process control."""

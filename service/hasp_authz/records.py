@@ -1,0 +1,115 @@
+"""Records in the Redis copy of the key store, and the names they live under.
+
+The sync (``hasp-keys``) writes these; the Check path reads them. Both sides go
+through this module, so the layout is defined once:
+
+- ``{prefix}key:{sha256 hex}``: a key record (JSON), present only while the key
+  is active. A revoked key's record is deleted.
+- ``{prefix}org:{org id}``: an org record (JSON) with its BAA status.
+- ``{prefix}complete``: the marker the sync writes after a full load. Without it
+  the copy may be partial, so the server answers 503 instead of 401.
+- ``{prefix}changes``: the pub/sub channel that carries one change message per
+  create, revoke or BAA change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "hasp:"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An active API key as the Check path sees it. Holds no token and no hash."""
+
+    key_id: str
+    org_id: str
+    scopes: tuple[str, ...]
+    expires_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "key_id": self.key_id,
+                "org_id": self.org_id,
+                "scopes": list(self.scopes),
+                "expires_at": self.expires_at,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> KeyRecord:
+        """Parse a stored record. Raises ValueError, KeyError or TypeError if malformed."""
+        data = json.loads(raw)
+        expires_at = data.get("expires_at")
+        return cls(
+            key_id=str(data["key_id"]),
+            org_id=str(data["org_id"]),
+            scopes=tuple(str(scope) for scope in data["scopes"]),
+            expires_at=None if expires_at is None else float(expires_at),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRecord:
+    """An organization and whether it has an active BAA."""
+
+    org_id: str
+    baa_active: bool
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"org_id": self.org_id, "baa_active": self.baa_active},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> OrgRecord:
+        """Parse a stored record. Raises ValueError, KeyError or TypeError if malformed."""
+        data = json.loads(raw)
+        baa_active = data["baa_active"]
+        if not isinstance(baa_active, bool):
+            raise TypeError(f"baa_active must be a boolean, got {baa_active!r}")
+        return cls(org_id=str(data["org_id"]), baa_active=baa_active)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisLayout:
+    """Names of the Redis keys and channel under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def key(self, key_hash: str) -> str:
+        return f"{self.prefix}key:{key_hash}"
+
+    def org(self, org_id: str) -> str:
+        return f"{self.prefix}org:{org_id}"
+
+    @property
+    def complete_marker(self) -> str:
+        return f"{self.prefix}complete"
+
+    @property
+    def changes_channel(self) -> str:
+        return f"{self.prefix}changes"
+
+
+def key_changed_message(key_hash: str) -> str:
+    """Build the change message that tells servers to drop one key's entry."""
+    return json.dumps({"kind": "key", "hash": key_hash}, separators=(",", ":"))
+
+
+def org_changed_message(org_id: str) -> str:
+    """Build the change message that tells servers to drop one org's entry."""
+    return json.dumps({"kind": "org", "org_id": org_id}, separators=(",", ":"))
+
+
+def flush_message() -> str:
+    """Build the change message that tells servers to drop every cached entry.
+
+    The sync sends it after a full load, because a rebuild may change any record.
+    """
+    return json.dumps({"kind": "all"}, separators=(",", ":"))
