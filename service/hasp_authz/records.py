@@ -42,7 +42,7 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> KeyRecord:
-        """Parse a stored record. Raises ValueError, KeyError or TypeError if malformed."""
+        """Parse a stored record. Raises ValueError, KeyError or TypeError."""
         data = json.loads(raw)
         expires_at = data.get("expires_at")
         return cls(
@@ -68,7 +68,7 @@ class OrgRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> OrgRecord:
-        """Parse a stored record. Raises ValueError, KeyError or TypeError if malformed."""
+        """Parse a stored record. Raises ValueError, KeyError or TypeError."""
         data = json.loads(raw)
         baa_active = data["baa_active"]
         if not isinstance(baa_active, bool):

@@ -26,9 +26,7 @@ _BEARER_RE = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] (\S+)", re.ASCII)
 
 def generate_token() -> str:
     """Return a new random token."""
-    body = "".join(
-        secrets.choice(CROCKFORD_ALPHABET) for _ in range(TOKEN_BODY_LENGTH)
-    )
+    body = "".join(secrets.choice(CROCKFORD_ALPHABET) for _ in range(TOKEN_BODY_LENGTH))
     return TOKEN_PREFIX + body
 
 

@@ -1,0 +1,63 @@
+"""The ``hasp-authz`` command: ``serve`` runs the ext_authz gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from hasp_authz import __version__
+from hasp_authz.config import ENVIRONMENT, ConfigError, configure_logging, load_settings
+from hasp_authz.routes import RouteFileError, load_route_table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hasp-authz",
+        description="Envoy ext_authz server that authorizes requests by API key.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC ext_authz server")
+    _add(serve, "--listen", "listen", "HOST:PORT for the gRPC server")
+    _add(serve, "--redis-url", "redis_url", "URL of the Redis copy of the key store")
+    _add(serve, "--redis-prefix", "redis_prefix", "prefix of every Redis key")
+    _add(serve, "--routes-file", "routes_file", "YAML route table to load")
+    _add(serve, "--check-budget-ms", "check_budget_ms", "time limit of one Check, ms")
+    _add(serve, "--redis-timeout-ms", "redis_timeout_ms", "Redis socket timeout, ms")
+    _add(
+        serve,
+        "--redis-max-connections",
+        "redis_max_connections",
+        "size of the Redis connection pool",
+    )
+    _add(serve, "--log-level", "log_level", "DEBUG, INFO, WARNING or ERROR")
+    return parser
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, name: str, text: str) -> None:
+    parser.add_argument(flag, dest=name, help=f"{text} (env {ENVIRONMENT[name]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    overrides = {name: getattr(arguments, name, None) for name in ENVIRONMENT}
+    try:
+        settings = load_settings(overrides)
+        load_route_table(settings.routes_file)
+    except (ConfigError, RouteFileError) as error:
+        print(f"hasp-authz: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    from hasp_authz.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except OSError as error:
+        print(f"hasp-authz: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

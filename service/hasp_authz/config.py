@@ -1,0 +1,166 @@
+"""Settings for ``hasp-authz serve``, from flags and HASP_* environment variables.
+
+Flags win over the environment, which wins over the defaults. Everything is
+validated once at start-up into a frozen Settings; an error names the setting
+and says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.connection import parse_url
+
+from hasp_authz.records import DEFAULT_PREFIX
+from hasp_authz.routes import DEFAULT_ROUTES_FILE
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the setting and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:9001"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = DEFAULT_PREFIX
+    routes_file: Path = DEFAULT_ROUTES_FILE
+    # Upper bound for one Check, below Envoy's ext_authz timeout (0.5 s in
+    # envoy.yaml) so the sidecar answers 503 itself before Envoy gives up.
+    check_budget_ms: int = 200
+    # Connect and socket timeout of each Redis call, within the Check budget.
+    redis_timeout_ms: int = 100
+    redis_max_connections: int = 64
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{item.name}={getattr(self, item.name)!r}"
+            for item in fields(self)
+            if item.name != "redis_url"
+        )
+        return f"Settings(redis_url={redact_url(self.redis_url)!r}, {shown})"
+
+
+# Setting name -> environment variable.
+ENVIRONMENT = {item.name: f"HASP_{item.name.upper()}" for item in fields(Settings)}
+
+
+# redis-py also takes the password from a ``password=`` query parameter.
+_QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password, in the user info or the query, as ``***``.
+
+    The host and port are kept as written. A URL that cannot be split at all
+    comes back as ``<invalid URL>``, so an error message never shows its password.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    user_info, at, host = parts.netloc.rpartition("@")
+    query = _QUERY_PASSWORD_RE.sub(r"\1***", parts.query)
+    if ":" not in user_info and query == parts.query:
+        return url
+    if ":" in user_info:
+        user_info = user_info.partition(":")[0] + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user_info}{at}{host}", query=query))
+
+
+def load_settings(
+    overrides: Mapping[str, object | None] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Merge defaults, environment and flag overrides, then validate."""
+    values: dict[str, object] = {}
+    for name, variable in ENVIRONMENT.items():
+        if variable in environ:
+            values[name] = environ[variable]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    return _validated(values)
+
+
+def _validated(values: dict[str, object]) -> Settings:
+    defaults = Settings()
+    settings = Settings(
+        listen=_listen(str(values.get("listen", defaults.listen))),
+        redis_url=_redis_url(str(values.get("redis_url", defaults.redis_url))),
+        redis_prefix=str(values.get("redis_prefix", defaults.redis_prefix)),
+        routes_file=Path(str(values.get("routes_file", defaults.routes_file))),
+        check_budget_ms=_positive_int(values, "check_budget_ms", defaults),
+        redis_timeout_ms=_positive_int(values, "redis_timeout_ms", defaults),
+        redis_max_connections=_positive_int(values, "redis_max_connections", defaults),
+        log_level=_log_level(str(values.get("log_level", defaults.log_level))),
+    )
+    if settings.redis_timeout_ms >= settings.check_budget_ms:
+        raise ConfigError(
+            f"{ENVIRONMENT['redis_timeout_ms']}={settings.redis_timeout_ms} must be "
+            f"below {ENVIRONMENT['check_budget_ms']}={settings.check_budget_ms}, so "
+            "a slow Redis call still leaves time to answer 503"
+        )
+    if not settings.redis_prefix:
+        raise ConfigError(f"{ENVIRONMENT['redis_prefix']} must not be empty")
+    return settings
+
+
+def _listen(value: str) -> str:
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{ENVIRONMENT['listen']}={value!r} is invalid; expected HOST:PORT, "
+            "for example 127.0.0.1:9001"
+        )
+    return value
+
+
+def _redis_url(value: str) -> str:
+    # Parse as redis-py will at start-up, so a bad port or db query value is a
+    # ConfigError here and not a traceback from the server.
+    try:
+        parse_url(value)
+    except ValueError as error:
+        raise ConfigError(
+            f"{ENVIRONMENT['redis_url']}={redact_url(value)!r} is invalid ({error}); "
+            "expected a URL such as redis://127.0.0.1:6379/0"
+        ) from error
+    return value
+
+
+def _positive_int(values: dict[str, object], name: str, defaults: Settings) -> int:
+    raw = values.get(name, getattr(defaults, name))
+    try:
+        number = int(str(raw))
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ConfigError(
+            f"{ENVIRONMENT[name]}={raw!r} is invalid; expected a positive integer"
+        )
+    return number
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            f"{ENVIRONMENT['log_level']}={value!r} is invalid; expected DEBUG, INFO, "
+            "WARNING or ERROR"
+        )
+    return level
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )

@@ -1,0 +1,125 @@
+"""Build the CheckResponse for an allow and for each deny, each in one place."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from google.protobuf import struct_pb2
+
+from hasp_authz.decision import Decision
+from hasp_authz.outcomes import DENY_KINDS, RETRY_AFTER_SECONDS, Outcome
+from hasp_authz.proto import envoy_config_core_v3_pb2 as core_pb2
+from hasp_authz.proto import envoy_service_auth_v3_pb2 as auth_pb2
+from hasp_authz.proto import envoy_type_v3_pb2 as type_pb2
+from hasp_authz.proto import google_rpc_status_pb2 as status_pb2
+
+IDENTITY_HEADERS = ("x-hasp-org-id", "x-hasp-key-id", "x-hasp-scopes")
+# gRPC status codes carried in CheckResponse.status: Envoy allows on OK (0)
+# and denies on anything else; 7 is PERMISSION_DENIED, 14 UNAVAILABLE.
+_GRPC_OK = 0
+_GRPC_PERMISSION_DENIED = 7
+_GRPC_UNAVAILABLE = 14
+_OVERWRITE = core_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_SAFE_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
+
+
+def request_id_for(envoy_request_id: str) -> str:
+    """Return ``req_`` plus Envoy's request id if it is safe, else a new id."""
+    if _SAFE_REQUEST_ID_RE.fullmatch(envoy_request_id):
+        return "req_" + envoy_request_id
+    return "req_" + uuid.uuid4().hex
+
+
+def allow_response(
+    decision: Decision, *, request_id: str, strip_headers: list[str]
+) -> auth_pb2.CheckResponse:
+    """Allow, replace the identity headers and remove the client's credentials.
+
+    ``strip_headers`` names the other client-sent headers to remove (any
+    ``x-hasp-*`` header that is not one of the identity headers).
+    """
+    key = decision.key
+    assert key is not None, "an allow decision always carries its key"
+    identity = {
+        "x-hasp-org-id": key.org_id,
+        "x-hasp-key-id": key.key_id,
+        "x-hasp-scopes": " ".join(key.scopes),
+    }
+    ok = auth_pb2.OkHttpResponse(
+        headers=[_header(name, value) for name, value in identity.items()],
+        headers_to_remove=["authorization", *strip_headers],
+    )
+    metadata = {
+        "org_id": key.org_id,
+        "key_id": key.key_id,
+        "scopes": " ".join(key.scopes),
+        "request_id": request_id,
+    }
+    return auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_OK),
+        ok_response=ok,
+        dynamic_metadata=_struct(metadata),
+    )
+
+
+def deny_response(decision: Decision, *, request_id: str) -> auth_pb2.CheckResponse:
+    """Deny with the documented JSON body and the outcome's extra headers."""
+    kind = DENY_KINDS[decision.outcome]
+    body = {
+        "success": False,
+        "error": {
+            "code": decision.outcome.value,
+            "type": kind.type,
+            "message": decision.message or kind.message,
+            "retryable": kind.retryable,
+            "request_id": request_id,
+        },
+    }
+    headers = [_header("content-type", "application/json")]
+    headers += [_header(name, value) for name, value in _extra_headers(decision)]
+    denied = auth_pb2.DeniedHttpResponse(
+        status=type_pb2.HttpStatus(code=kind.status),
+        headers=headers,
+        body=json.dumps(body, separators=(",", ":")),
+    )
+    grpc_code = (
+        _GRPC_UNAVAILABLE
+        if decision.outcome is Outcome.AUTH_UNAVAILABLE
+        else _GRPC_PERMISSION_DENIED
+    )
+    metadata = {"code": decision.outcome.value, "request_id": request_id}
+    if decision.key is not None:
+        metadata.update(org_id=decision.key.org_id, key_id=decision.key.key_id)
+    return auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code),
+        denied_response=denied,
+        dynamic_metadata=_struct(metadata),
+    )
+
+
+def _extra_headers(decision: Decision) -> list[tuple[str, str]]:
+    outcome = decision.outcome
+    if outcome is Outcome.INVALID_API_KEY:
+        challenge = 'Bearer realm="hasp"'
+        if decision.credentials_sent:
+            challenge += ', error="invalid_token"'
+        return [("www-authenticate", challenge)]
+    if outcome is Outcome.METHOD_NOT_ALLOWED and decision.route is not None:
+        return [("allow", decision.route.allow_header)]
+    if outcome is Outcome.AUTH_UNAVAILABLE:
+        return [("retry-after", str(RETRY_AFTER_SECONDS))]
+    return []
+
+
+def _header(name: str, value: str) -> core_pb2.HeaderValueOption:
+    return core_pb2.HeaderValueOption(
+        header=core_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+def _struct(fields: dict[str, str]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(fields)
+    return result
