@@ -15,6 +15,7 @@ through this module, so the layout is defined once:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "hasp:"
@@ -44,12 +45,19 @@ class KeyRecord:
     def from_json(cls, raw: str | bytes) -> KeyRecord:
         """Parse a stored record. Raises ValueError, KeyError or TypeError."""
         data = json.loads(raw)
+        scopes = data["scopes"]
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise TypeError(f"scopes must be a list of strings, got {scopes!r}")
         expires_at = data.get("expires_at")
+        if expires_at is not None:
+            expires_at = float(expires_at)
+            if not math.isfinite(expires_at):
+                raise ValueError(f"expires_at must be finite, got {expires_at!r}")
         return cls(
             key_id=str(data["key_id"]),
             org_id=str(data["org_id"]),
-            scopes=tuple(str(scope) for scope in data["scopes"]),
-            expires_at=None if expires_at is None else float(expires_at),
+            scopes=tuple(scopes),
+            expires_at=expires_at,
         )
 
 

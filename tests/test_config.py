@@ -1,0 +1,270 @@
+"""Tests for hasp_authz.config: defaults, precedence, validation and redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from hasp_authz.config import (
+    ENVIRONMENT,
+    ConfigError,
+    Settings,
+    load_settings,
+    redact_url,
+)
+from hasp_authz.routes import DEFAULT_ROUTES_FILE
+
+
+def test_environment_variable_names():
+    assert ENVIRONMENT == {
+        "listen": "HASP_LISTEN",
+        "redis_url": "HASP_REDIS_URL",
+        "redis_prefix": "HASP_REDIS_PREFIX",
+        "routes_file": "HASP_ROUTES_FILE",
+        "check_budget_ms": "HASP_CHECK_BUDGET_MS",
+        "redis_timeout_ms": "HASP_REDIS_TIMEOUT_MS",
+        "redis_max_connections": "HASP_REDIS_MAX_CONNECTIONS",
+        "log_level": "HASP_LOG_LEVEL",
+    }
+
+
+def test_load_settings_defaults():
+    settings = load_settings({}, environ={})
+
+    assert settings == Settings()
+    assert settings.listen == "127.0.0.1:9001"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.redis_prefix == "hasp:"
+    assert settings.routes_file == DEFAULT_ROUTES_FILE
+    assert settings.check_budget_ms == 200
+    assert settings.redis_timeout_ms == 100
+    assert settings.redis_max_connections == 64
+    assert settings.log_level == "INFO"
+
+
+def test_load_settings_defaults_without_overrides():
+    assert load_settings(None, environ={}) == Settings()
+
+
+def test_load_settings_ignores_unrelated_environment():
+    environ = {"REDIS_URL": "redis://10.0.0.1/0", "HASP_UNKNOWN": "1", "LISTEN": "x"}
+
+    assert load_settings({}, environ=environ) == Settings()
+
+
+def test_load_settings_reads_environment():
+    environ = {
+        "HASP_LISTEN": "0.0.0.0:9100",
+        "HASP_REDIS_URL": "redis://127.0.0.1:6380/2",
+        "HASP_REDIS_PREFIX": "staging:",
+        "HASP_ROUTES_FILE": "/etc/hasp/routes.yaml",
+        "HASP_CHECK_BUDGET_MS": "300",
+        "HASP_REDIS_TIMEOUT_MS": "150",
+        "HASP_REDIS_MAX_CONNECTIONS": "8",
+        "HASP_LOG_LEVEL": "debug",
+    }
+
+    settings = load_settings({}, environ=environ)
+
+    assert settings.listen == "0.0.0.0:9100"
+    assert settings.redis_url == "redis://127.0.0.1:6380/2"
+    assert settings.redis_prefix == "staging:"
+    assert settings.routes_file == Path("/etc/hasp/routes.yaml")
+    assert settings.check_budget_ms == 300
+    assert settings.redis_timeout_ms == 150
+    assert settings.redis_max_connections == 8
+    assert settings.log_level == "DEBUG"
+
+
+def test_load_settings_flag_wins_over_environment():
+    environ = {
+        "HASP_LISTEN": "127.0.0.1:9100",
+        "HASP_REDIS_PREFIX": "from-env:",
+        "HASP_CHECK_BUDGET_MS": "300",
+    }
+    flags = {"listen": "127.0.0.1:9200", "check_budget_ms": "400"}
+
+    settings = load_settings(flags, environ=environ)
+
+    assert settings.listen == "127.0.0.1:9200"
+    assert settings.check_budget_ms == 400
+    assert settings.redis_prefix == "from-env:"
+
+
+def test_load_settings_unset_flag_keeps_environment():
+    environ = {"HASP_REDIS_URL": "redis://127.0.0.1:6380/0"}
+    flags = {name: None for name in ENVIRONMENT}
+
+    settings = load_settings(flags, environ=environ)
+
+    assert settings.redis_url == "redis://127.0.0.1:6380/0"
+    assert settings.listen == Settings().listen
+
+
+def test_load_settings_flag_over_default():
+    settings = load_settings({"redis_prefix": "flag:"}, environ={})
+
+    assert settings.redis_prefix == "flag:"
+
+
+def test_load_settings_rejects_invalid_flag():
+    with pytest.raises(ConfigError, match="HASP_CHECK_BUDGET_MS"):
+        load_settings({"check_budget_ms": "0"}, environ={"HASP_CHECK_BUDGET_MS": "300"})
+
+
+def test_load_settings_flag_replaces_invalid_environment():
+    settings = load_settings(
+        {"log_level": "warning"}, environ={"HASP_LOG_LEVEL": "chatty"}
+    )
+
+    assert settings.log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://cache.internal:6380/1",
+        "redis://user:secret@127.0.0.1:6379/0",
+        "redis://[::1]:6379/0",
+        "unix:///var/run/redis/redis.sock?db=2",
+        "REDIS://127.0.0.1:6379/0",
+    ],
+)
+def test_load_settings_accepts_redis_url(url):
+    assert load_settings({"redis_url": url}, environ={}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HASP_LISTEN", "9001"),
+        ("HASP_LISTEN", "127.0.0.1:"),
+        ("HASP_LISTEN", ":9001"),
+        ("HASP_LISTEN", "127.0.0.1:0"),
+        ("HASP_LISTEN", "127.0.0.1:65536"),
+        ("HASP_LISTEN", "127.0.0.1:http"),
+        ("HASP_LISTEN", "127.0.0.1:-1"),
+        ("HASP_LISTEN", ""),
+        ("HASP_REDIS_URL", "http://127.0.0.1:6379"),
+        ("HASP_REDIS_URL", "127.0.0.1:6379"),
+        ("HASP_REDIS_URL", "redis:127.0.0.1"),
+        ("HASP_REDIS_URL", "redis://127.0.0.1:notaport/0"),
+        ("HASP_REDIS_URL", "redis://127.0.0.1:6379/0?db=zero"),
+        ("HASP_REDIS_URL", "redis://[::1/0"),
+        ("HASP_REDIS_URL", ""),
+        ("HASP_REDIS_PREFIX", ""),
+        ("HASP_CHECK_BUDGET_MS", "0"),
+        ("HASP_CHECK_BUDGET_MS", "-5"),
+        ("HASP_CHECK_BUDGET_MS", "fast"),
+        ("HASP_CHECK_BUDGET_MS", "1.5"),
+        ("HASP_CHECK_BUDGET_MS", ""),
+        ("HASP_REDIS_TIMEOUT_MS", "0"),
+        ("HASP_REDIS_TIMEOUT_MS", "100ms"),
+        ("HASP_REDIS_MAX_CONNECTIONS", "0"),
+        ("HASP_REDIS_MAX_CONNECTIONS", "many"),
+        ("HASP_LOG_LEVEL", "verbose"),
+        ("HASP_LOG_LEVEL", "CRITICAL"),
+        ("HASP_LOG_LEVEL", ""),
+    ],
+)
+def test_load_settings_error_names_variable(variable, value):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ={variable: value})
+
+    assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "budget"), [("100", "100"), ("250", "200"), ("200", "100")]
+)
+def test_load_settings_redis_timeout_must_be_below_budget(timeout, budget):
+    environ = {"HASP_REDIS_TIMEOUT_MS": timeout, "HASP_CHECK_BUDGET_MS": budget}
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ=environ)
+
+    message = str(caught.value)
+    assert f"HASP_REDIS_TIMEOUT_MS={timeout}" in message
+    assert f"HASP_CHECK_BUDGET_MS={budget}" in message
+
+
+def test_load_settings_error_says_expected_form():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ={"HASP_LISTEN": "9001"})
+
+    assert "expected HOST:PORT" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://:s3cret@127.0.0.1:6379/0",
+        "redis://:s3cret@127.0.0.1:notaport/0",
+        "redis://user:s3cret@127.0.0.1:6379/0?db=zero",
+        "redis://:s3cret@[::1/0",
+    ],
+)
+def test_load_settings_error_hides_password(url):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"redis_url": url}, environ={})
+
+    assert "s3cret" not in str(caught.value)
+    assert "HASP_REDIS_URL" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://app:s3cret@cache:6379/0", "redis://app:***@cache:6379/0"),
+        ("rediss://app:s3cret@cache:6380/1", "rediss://app:***@cache:6380/1"),
+        ("redis://app:s3cr%40et@cache/0", "redis://app:***@cache/0"),
+        ("redis://app:s3cret@[::1]:6379/0", "redis://app:***@[::1]:6379/0"),
+        ("redis://cache/0?password=s3cret", "redis://cache/0?password=***"),
+        (
+            "redis://cache/0?db=1&password=s3cret&ssl_cert_reqs=none",
+            "redis://cache/0?db=1&password=***&ssl_cert_reqs=none",
+        ),
+        ("unix://:s3cret@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("redis://app@cache:6379/0", "redis://app@cache:6379/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_redact_url(url, redacted):
+    assert redact_url(url) == redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@127.0.0.1:6379/0",
+        "redis://app:s3cret@127.0.0.1:6379/0",
+        "redis://127.0.0.1:6379/0?password=s3cret",
+    ],
+)
+def test_settings_repr_redacts_redis_password(url):
+    settings = load_settings({"redis_url": url}, environ={})
+
+    assert settings.redis_url == url
+    for text in (repr(settings), str(settings), f"{[settings]}"):
+        assert "s3cret" not in text
+        assert "***" in text
+
+
+def test_settings_repr_shows_every_field():
+    text = repr(load_settings({}, environ={}))
+
+    for item in dataclasses.fields(Settings):
+        assert f"{item.name}=" in text
+    assert "redis_url='redis://127.0.0.1:6379/0'" in text
+
+
+def test_settings_is_frozen():
+    settings = Settings()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.redis_url = "redis://127.0.0.1:6380/0"  # type: ignore[misc]
