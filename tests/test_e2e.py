@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hasp_authz.dev.stack import LocalStack, StackPorts
+from hasp_authz.dev.stack import LocalStack, StackPorts, seed_demo_data
 from hasp_authz.records import RedisLayout
 
 pytestmark = pytest.mark.e2e
@@ -446,3 +446,28 @@ def test_sidecar_down_is_json_503(stack: Stack) -> None:
     finally:
         stack.local.start_authz()
     assert stack.request("POST", "/v1/ai/chat", token=stack.keys["chat"]).status == 200
+
+
+# --- the demo data that `make run` prints ---
+
+
+def test_demo_keys_work_as_printed(stack: Stack) -> None:
+    rows = seed_demo_data(stack.local)
+    tokens = {name: token for name, _, token in rows}
+    chat = stack.request("POST", "/v1/ai/chat", token=tokens["demo-chat"])
+    assert chat.status == 200
+    usage = stack.request("GET", "/v1/usage", token=tokens["demo-chat"])
+    assert usage.status == 403
+    everything = stack.request("GET", "/v1/usage", token=tokens["demo-all-scopes"])
+    assert everything.status == 200
+    no_baa = stack.request("POST", "/v1/ai/chat", token=tokens["demo-no-baa"])
+    assert no_baa.status == 402
+
+
+def test_demo_keys_replaced_on_restart(stack: Stack) -> None:
+    first = {name: token for name, _, token in seed_demo_data(stack.local)}
+    second = {name: token for name, _, token in seed_demo_data(stack.local)}
+    old = stack.request("POST", "/v1/ai/chat", token=first["demo-chat"])
+    assert old.status == 401
+    new = stack.request("POST", "/v1/ai/chat", token=second["demo-chat"])
+    assert new.status == 200
