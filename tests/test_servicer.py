@@ -31,7 +31,7 @@ from hasp_authz.dev.redis_server import RedisServer, free_port
 from hasp_authz.proto import envoy_config_core_v3_pb2 as core_pb2
 from hasp_authz.proto import envoy_service_auth_v3_pb2 as auth_pb2
 from hasp_authz.proto import envoy_service_auth_v3_pb2_grpc as auth_grpc
-from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout
+from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout, key_changed_message
 from hasp_authz.tokens import generate_token, hash_token
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("hasp-authz")
@@ -114,6 +114,31 @@ class AuthzServer:
         self._log_file.close()
 
 
+def launch_server(
+    log_dir: Path, redis_url: str, prefix: str, extra_args: Sequence[str] = ()
+) -> AuthzServer:
+    """Start ``hasp-authz serve`` on a free port. The caller must close it."""
+    port = free_port()
+    command = [
+        str(CONSOLE_SCRIPT), "serve",
+        "--listen", f"127.0.0.1:{port}",
+        "--redis-url", redis_url,
+        "--redis-prefix", prefix,
+        "--log-level", "DEBUG",
+        *extra_args,
+    ]  # fmt: skip
+    return AuthzServer(command, port, log_dir / f"hasp-authz-{port}.log")
+
+
+def wait_for_log(server: AuthzServer, text: str, within: float = 10.0) -> None:
+    """Wait until the server's log contains ``text``; fail after ``within`` s."""
+    deadline = time.monotonic() + within
+    while text not in server.log():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{server.address} never logged {text!r}:\n{server.log()}")
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def start_server(
     tmp_path: Path, redis_url: str, redis_prefix: str
@@ -125,16 +150,13 @@ def start_server(
     """
     servers: list[AuthzServer] = []
 
-    def start(*, redis_url: str = redis_url, prefix: str = redis_prefix) -> AuthzServer:
-        port = free_port()
-        command = [
-            str(CONSOLE_SCRIPT), "serve",
-            "--listen", f"127.0.0.1:{port}",
-            "--redis-url", redis_url,
-            "--redis-prefix", prefix,
-            "--log-level", "DEBUG",
-        ]  # fmt: skip
-        server = AuthzServer(command, port, tmp_path / f"hasp-authz-{port}.log")
+    def start(
+        *,
+        redis_url: str = redis_url,
+        prefix: str = redis_prefix,
+        extra_args: Sequence[str] = (),
+    ) -> AuthzServer:
+        server = launch_server(tmp_path, redis_url, prefix, extra_args)
         servers.append(server)
         server.wait_until_serving()
         return server
@@ -694,3 +716,87 @@ def test_sigterm_exits_zero(server):
 
     assert returncode == 0
     assert "hasp-authz stopped" in server.log()
+
+
+# --- the in-process cache, seen from outside the process ---
+
+SUBSCRIBED_LOG = "in-process cache in use"
+
+
+def test_check_cache_hit_skips_redis(start_server, tmp_path, layout):
+    redis_server = RedisServer(workdir=tmp_path).start()
+    try:
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        key = seed_key(client, layout)
+        mark_complete(client, layout)
+        server = start_server(redis_url=redis_server.url)
+        wait_for_log(server, SUBSCRIBED_LOG)
+        assert (
+            http_status(server.check(check_request(headers=[key.authorization]))) == 200
+        )
+
+        # A paused Redis accepts commands but answers none until the pause ends,
+        # so only a cache hit can answer within the Check budget.
+        client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        cached = server.check(check_request(headers=[key.authorization]))
+        unknown = server.check(
+            check_request(headers=[("authorization", f"Bearer {generate_token()}")])
+        )
+        client.close()
+    finally:
+        redis_server.stop()
+
+    assert http_status(cached) == 200
+    assert http_status(unknown) == 503
+
+
+def test_check_cache_off_reads_redis(start_server, redis_client, layout):
+    key = seed_key(redis_client, layout)
+    mark_complete(redis_client, layout)
+    server = start_server(extra_args=["--cache-size", "0"])
+    request = check_request(headers=[key.authorization])
+    assert http_status(server.check(request)) == 200
+
+    # Deleted without a change message: only a server without a cache sees it.
+    redis_client.delete(layout.key(hash_token(key.token)))
+    response = server.check(request)
+
+    assert http_status(response) == 401
+    assert SUBSCRIBED_LOG not in server.log()
+
+
+def test_check_marker_deleted_is_503_despite_cache(start_server, redis_client, layout):
+    key = seed_key(redis_client, layout)
+    mark_complete(redis_client, layout)
+    server = start_server()
+    wait_for_log(server, SUBSCRIBED_LOG)
+    request = check_request(headers=[key.authorization])
+    assert http_status(server.check(request)) == 200
+
+    # As after FLUSHDB: the marker goes without a change message.
+    redis_client.delete(layout.complete_marker)
+    deadline = time.monotonic() + 1.0
+    while (status := http_status(server.check(request))) != 503:
+        assert time.monotonic() < deadline, f"still {status} after 1 s"
+        time.sleep(0.01)
+
+    assert deny_error(server.check(request))["code"] == "AUTH_UNAVAILABLE"
+
+
+def test_check_revoked_key_is_401_after_change_message(
+    start_server, redis_client, layout
+):
+    key = seed_key(redis_client, layout)
+    mark_complete(redis_client, layout)
+    server = start_server()
+    wait_for_log(server, SUBSCRIBED_LOG)
+    request = check_request(headers=[key.authorization])
+    assert http_status(server.check(request)) == 200
+
+    key_hash = hash_token(key.token)
+    redis_client.delete(layout.key(key_hash))
+    redis_client.publish(layout.changes_channel, key_changed_message(key_hash))
+    deadline = time.monotonic() + 1.0
+    while (status := http_status(server.check(request))) != 401:
+        assert time.monotonic() < deadline, f"still {status} after 1 s"
+        time.sleep(0.01)

@@ -1,4 +1,8 @@
-"""Run one Check: read the credentials, look the key up, decide."""
+"""Run one Check: read the credentials, look the key up, decide.
+
+A Check that resolves a key (any decision that carries the key, allow or deny)
+also records the key's last-used time in memory (see last_used.py).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hasp_authz.decision import Decision, credentials_message, decide, read_credentials
+from hasp_authz.last_used import LastUsedRecorder
 from hasp_authz.outcomes import Outcome
 from hasp_authz.routes import RouteTable
-from hasp_authz.store import CopyUnavailable, RedisKeyCopy
+from hasp_authz.store import CopyUnavailable, KeyLookup
 from hasp_authz.tokens import hash_token
 
 log = logging.getLogger(__name__)
@@ -28,18 +33,20 @@ class HttpAttributes:
 
 
 class Authorizer:
-    """Decides requests against the Redis copy and the route table."""
+    """Decides requests against the key copy (or its cache) and the route table."""
 
     def __init__(
         self,
-        copy: RedisKeyCopy,
+        copy: KeyLookup,
         routes: RouteTable,
         clock: Callable[[], float] = time.time,
+        last_used: LastUsedRecorder | None = None,
     ):
         self.copy = copy
         # Replaced whole on reload, so a Check sees one table from start to end.
         self.routes = routes
         self.clock = clock
+        self.last_used = last_used
 
     async def authorize(self, request: HttpAttributes) -> Decision:
         """Return the decision for one request. Raises CopyUnavailable."""
@@ -52,15 +59,20 @@ class Authorizer:
             )
         found = await self.copy.lookup(hash_token(credentials.token))
         key, org = found if found is not None else (None, None)
-        return decide(
+        now = self.clock()
+        decision = decide(
             credentials_sent=True,
             key=key,
             org=org,
             method=request.method,
             path=request.path,
             routes=self.routes,
-            now=self.clock(),
+            now=now,
         )
+        # An unknown or expired key leaves decision.key empty, so it is not recorded.
+        if decision.key is not None and self.last_used is not None:
+            self.last_used.record(decision.key.key_id, now)
+        return decision
 
 
 __all__ = ["Authorizer", "CopyUnavailable", "HttpAttributes"]

@@ -8,6 +8,7 @@ and says what a valid value looks like.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +39,14 @@ class Settings:
     redis_timeout_ms: int = 100
     redis_max_connections: int = 64
     log_level: str = "INFO"
+    # Max entries in each in-process cache (keys, orgs, unknown hashes). 0 turns
+    # the cache off, so every Check reads Redis.
+    cache_size: int = 100_000
+    cache_ttl_seconds: float = 30.0
+    # TTL of "no such key" entries. 0 turns negative caching off.
+    negative_cache_ttl_seconds: float = 1.0
+    # Interval between writes of key last-used times to Redis.
+    last_used_flush_seconds: float = 60.0
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -101,7 +110,18 @@ def _validated(values: dict[str, object]) -> Settings:
         redis_timeout_ms=_positive_int(values, "redis_timeout_ms", defaults),
         redis_max_connections=_positive_int(values, "redis_max_connections", defaults),
         log_level=_log_level(str(values.get("log_level", defaults.log_level))),
+        cache_size=_non_negative_int(values, "cache_size", defaults),
+        cache_ttl_seconds=_seconds(values, "cache_ttl_seconds", defaults),
+        negative_cache_ttl_seconds=_seconds(
+            values, "negative_cache_ttl_seconds", defaults, zero_allowed=True
+        ),
+        last_used_flush_seconds=_seconds(values, "last_used_flush_seconds", defaults),
     )
+    _check_relations(settings)
+    return settings
+
+
+def _check_relations(settings: Settings) -> None:
     if settings.redis_timeout_ms >= settings.check_budget_ms:
         raise ConfigError(
             f"{ENVIRONMENT['redis_timeout_ms']}={settings.redis_timeout_ms} must be "
@@ -110,7 +130,13 @@ def _validated(values: dict[str, object]) -> Settings:
         )
     if not settings.redis_prefix:
         raise ConfigError(f"{ENVIRONMENT['redis_prefix']} must not be empty")
-    return settings
+    if settings.negative_cache_ttl_seconds > settings.cache_ttl_seconds:
+        raise ConfigError(
+            f"{ENVIRONMENT['negative_cache_ttl_seconds']}="
+            f"{settings.negative_cache_ttl_seconds:g} must not exceed "
+            f"{ENVIRONMENT['cache_ttl_seconds']}={settings.cache_ttl_seconds:g}; "
+            "lower the negative TTL or raise the cache TTL"
+        )
 
 
 def _listen(value: str) -> str:
@@ -145,6 +171,40 @@ def _positive_int(values: dict[str, object], name: str, defaults: Settings) -> i
     if number <= 0:
         raise ConfigError(
             f"{ENVIRONMENT[name]}={raw!r} is invalid; expected a positive integer"
+        )
+    return number
+
+
+def _non_negative_int(values: dict[str, object], name: str, defaults: Settings) -> int:
+    raw = values.get(name, getattr(defaults, name))
+    try:
+        number = int(str(raw))
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(
+            f"{ENVIRONMENT[name]}={raw!r} is invalid; expected an integer, 0 or more"
+        )
+    return number
+
+
+def _seconds(
+    values: dict[str, object],
+    name: str,
+    defaults: Settings,
+    *,
+    zero_allowed: bool = False,
+) -> float:
+    raw = values.get(name, getattr(defaults, name))
+    try:
+        number = float(str(raw))
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_allowed):
+        expected = "0 or more" if zero_allowed else "more than 0"
+        raise ConfigError(
+            f"{ENVIRONMENT[name]}={raw!r} is invalid; expected a number of seconds, "
+            f"{expected}, such as {getattr(defaults, name):g}"
         )
     return number
 

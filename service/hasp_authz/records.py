@@ -10,6 +10,8 @@ through this module, so the layout is defined once:
   the copy may be partial, so the server answers 503 instead of 401.
 - ``{prefix}changes``: the pub/sub channel that carries one change message per
   create, revoke or BAA change.
+- ``{prefix}last_used``: a sorted set of key id to the latest time (epoch
+  seconds) any server saw the key used. The sync copies it into the store.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ class RedisLayout:
     @property
     def changes_channel(self) -> str:
         return f"{self.prefix}changes"
+
+    @property
+    def last_used(self) -> str:
+        """Sorted set of key id -> last-used time (epoch seconds), kept by ZADD GT."""
+        return f"{self.prefix}last_used"
 
 
 def key_changed_message(key_hash: str) -> str:

@@ -23,11 +23,16 @@ _GRPC_PERMISSION_DENIED = 7
 _GRPC_UNAVAILABLE = 14
 _OVERWRITE = core_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SAFE_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
+# A run this long of letters and digits could be a token body (32 characters) or
+# a key hash (64), which must never be echoed or logged. UUIDs have runs of 12.
+_SECRET_LIKE_RE = re.compile(r"[A-Za-z0-9]{32}", re.ASCII)
 
 
 def request_id_for(envoy_request_id: str) -> str:
     """Return ``req_`` plus Envoy's request id if it is safe, else a new id."""
-    if _SAFE_REQUEST_ID_RE.fullmatch(envoy_request_id):
+    if _SAFE_REQUEST_ID_RE.fullmatch(envoy_request_id) and not (
+        _SECRET_LIKE_RE.search(envoy_request_id)
+    ):
         return "req_" + envoy_request_id
     return "req_" + uuid.uuid4().hex
 

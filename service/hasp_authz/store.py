@@ -1,5 +1,8 @@
 """Read side of the Redis copy: key and org records for the Check path.
 
+``RedisKeyCopy`` reads Redis on every call; ``cache.CachedKeyCopy`` puts the
+in-process cache in front of it. Both are a ``KeyLookup``.
+
 Every failure here (connection refused, timeout, a missing completeness
 marker, a record that does not parse) raises CopyUnavailable, which the
 servicer turns into the 503 AUTH_UNAVAILABLE deny. An unknown key is not a
@@ -9,7 +12,7 @@ failure: it returns None and becomes a 401.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -19,9 +22,18 @@ from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout
 log = logging.getLogger(__name__)
 _Record = TypeVar("_Record", KeyRecord, OrgRecord)
 
+# A known key and its org, or None when the copy has no record of the hash.
+LookupResult = tuple[KeyRecord, OrgRecord] | None
+
 
 class CopyUnavailable(Exception):
     """The Redis copy cannot answer right now. The message is for logs only."""
+
+
+class KeyLookup(Protocol):
+    async def lookup(self, key_hash: str) -> LookupResult:
+        """Return the key and its org, or None. Raises CopyUnavailable."""
+        ...
 
 
 class RedisKeyCopy:
@@ -31,7 +43,7 @@ class RedisKeyCopy:
         self.client = client
         self.layout = layout
 
-    async def lookup(self, key_hash: str) -> tuple[KeyRecord, OrgRecord] | None:
+    async def lookup(self, key_hash: str) -> LookupResult:
         """Return the key and its org, or None when the copy has no such key.
 
         Raises CopyUnavailable when Redis fails, the completeness marker is

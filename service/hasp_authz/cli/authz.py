@@ -32,6 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
         "size of the Redis connection pool",
     )
     _add(serve, "--log-level", "log_level", "DEBUG, INFO, WARNING or ERROR")
+
+    _add(
+        serve,
+        "--cache-size",
+        "cache_size",
+        "max entries in each in-process cache; 0 turns the cache off",
+    )
+    _add(
+        serve,
+        "--cache-ttl-seconds",
+        "cache_ttl_seconds",
+        "lifetime of cached key and org records, seconds",
+    )
+    _add(
+        serve,
+        "--negative-cache-ttl-seconds",
+        "negative_cache_ttl_seconds",
+        "lifetime of cached unknown-key results, seconds; 0 turns them off",
+    )
+    _add(
+        serve,
+        "--last-used-flush-seconds",
+        "last_used_flush_seconds",
+        "interval between writes of key last-used times to Redis, seconds",
+    )
     return parser
 
 

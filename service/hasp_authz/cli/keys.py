@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from hasp_authz.keystore import (
     ApiKey,
@@ -40,6 +41,7 @@ from hasp_authz.publisher import (
 )
 from hasp_authz.records import DEFAULT_PREFIX, RedisLayout
 from hasp_authz.tokens import generate_token, hash_token
+from hasp_authz.watcher import add_watch_options, watch
 
 PROG = "hasp-keys"
 DEFAULT_KEYSTORE_URL = "sqlite:///.run/keystore.db"
@@ -54,7 +56,9 @@ EPILOG = f"""\
 environment:
   HASP_KEYSTORE_URL  key store URL, default {DEFAULT_KEYSTORE_URL}
                      (the path is relative to the current directory;
-                     use sqlite:////absolute/path.db for an absolute one)
+                     use sqlite:////absolute/path.db for an absolute one),
+                     or postgresql://user:password@host:port/database, with
+                     ?options=-csearch_path%3Dschema to choose the schema
   HASP_REDIS_URL     Redis URL, default {DEFAULT_REDIS_URL}
   HASP_REDIS_PREFIX  prefix of Redis key names and the channel, default
                      {DEFAULT_PREFIX}
@@ -68,6 +72,11 @@ exit status:
   {EXIT_REDIS_STALE}  the key store has the change but Redis was not updated:
      run '{PROG} sync' once Redis is reachable
 """
+
+
+# A duration for --expires-in: a positive whole number and a unit.
+_DURATION_RE = re.compile(r"([0-9]+)([smhd])", re.ASCII)
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +185,13 @@ def _add_key_commands(commands, common: argparse.ArgumentParser) -> None:
         help="a scope to grant, repeat the option for more",
     )
     create.add_argument(
+        "--expires-in",
+        type=parse_duration,
+        metavar="DURATION",
+        help="make the key expire after this time: a whole number and s, m, h "
+        "or d, for example 90s, 30m, 12h or 30d (default: never)",
+    )
+    create.add_argument(
         "--json", action="store_true", help="print a JSON object with the token"
     )
     create.set_defaults(handler=create_key)
@@ -201,6 +217,37 @@ def _add_key_commands(commands, common: argparse.ArgumentParser) -> None:
         "sync", parents=[common], help="rebuild the Redis copy from the key store"
     )
     sync.set_defaults(handler=sync_all)
+    add_watch_options(sync)
+
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="bring the key store schema up to date and print its version",
+        description="Apply the pending schema migrations in one transaction. "
+        "The other commands apply them too, before they run.",
+    )
+    migrate.set_defaults(handler=migrate_store)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse an --expires-in value such as 90s, 30m, 12h or 30d."""
+    match = _DURATION_RE.fullmatch(text)
+    amount = 0 if match is None else int(match.group(1))
+    if amount == 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a whole number above 0 followed by "
+            "s, m, h or d, for example 90s, 30m, 12h or 30d"
+        )
+    try:
+        duration = timedelta(**{_DURATION_UNITS[match.group(2)]: amount})
+    except OverflowError:
+        duration = None
+    if duration is None or duration > datetime.max.replace(tzinfo=UTC) - _utcnow():
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: it ends after the year 9999, use a "
+            "smaller number"
+        )
+    return duration
 
 
 def create_org(args: argparse.Namespace, settings: Settings) -> int:
@@ -247,8 +294,13 @@ def create_key(args: argparse.Namespace, settings: Settings) -> int:
     scopes = validate_scopes(args.scope)
     publisher = _publisher(settings)
     token = generate_token()
+    expires_at = None
+    if args.expires_in is not None:
+        expires_at = _utcnow() + args.expires_in
     with _open_store(settings) as store:
-        key = store.create_key(args.org, args.name, hash_token(token), scopes)
+        key = store.create_key(
+            args.org, args.name, hash_token(token), scopes, expires_at=expires_at
+        )
     if args.json:
         print(json.dumps({"token": token, **_key_json(key)}), flush=True)
     else:
@@ -276,7 +328,16 @@ def list_keys(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps([_key_json(key) for key in keys]))
         return EXIT_OK
-    header = ["KEY ID", "ORG", "NAME", "SCOPES", "CREATED", "REVOKED", "LAST USED"]
+    header = [
+        "KEY ID",
+        "ORG",
+        "NAME",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "REVOKED",
+        "LAST USED",
+    ]
     rows = [
         [
             key.key_id,
@@ -284,6 +345,7 @@ def list_keys(args: argparse.Namespace, settings: Settings) -> int:
             key.name,
             ",".join(key.scopes),
             _time(key.created_at),
+            _time(key.expires_at),
             _time(key.revoked_at),
             _time(key.last_used_at),
         ]
@@ -294,6 +356,8 @@ def list_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def sync_all(args: argparse.Namespace, settings: Settings) -> int:
+    if args.watch:
+        return watch(args, settings)
     publisher = _publisher(settings)
     with _open_store(settings) as store:
         result = full_sync(store, publisher.client, publisher.layout)
@@ -302,6 +366,17 @@ def sync_all(args: argparse.Namespace, settings: Settings) -> int:
         f"(prefix {settings.redis_prefix!r}): keys {result.keys}, "
         f"orgs {result.orgs}, stale records removed {result.removed}"
     )
+    return EXIT_OK
+
+
+def migrate_store(args: argparse.Namespace, settings: Settings) -> int:
+    with closing(open_keystore(settings.keystore_url, migrate=False)) as store:
+        before = store.schema_version()
+        after = store.migrate()
+    if after == before:
+        print(f"key store schema is at version {after}, nothing to migrate")
+    else:
+        print(f"key store schema migrated from version {before} to {after}")
     return EXIT_OK
 
 
@@ -372,6 +447,10 @@ def _iso(moment: datetime | None) -> str | None:
 def _time(moment: datetime | None) -> str:
     """Format a UTC time to the second for tables, or '-' when there is none."""
     return "-" if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def _on_off(active: bool) -> str:

@@ -48,6 +48,11 @@ class LocalStack:
     redis_url: str | None = None
     redis_prefix: str = DEFAULT_PREFIX
     log_level: str = "INFO"
+    # Run `hasp-keys sync --watch` beside the server, with these extra arguments.
+    watch: bool = True
+    watch_arguments: tuple[str, ...] = ()
+    # Extra environment for hasp-authz, for example shorter cache lifetimes.
+    authz_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _redis: RedisServer | None = None
 
@@ -69,6 +74,8 @@ class LocalStack:
                 self._redis = RedisServer(workdir=self.workdir).start()
                 self.redis_url = self._redis.url
             self.hasp_keys("sync")
+            if self.watch:
+                self._start_watcher()
             self.start_authz()
             self._start_upstream()
             self._start_envoy()
@@ -86,9 +93,20 @@ class LocalStack:
                 **self.env,
                 "HASP_LISTEN": f"127.0.0.1:{self.ports.authz}",
                 "HASP_LOG_LEVEL": self.log_level,
+                **self.authz_env,
             },
         )
         authz.wait_for_port(self.ports.authz)
+
+    def _start_watcher(self) -> None:
+        command = [str(BIN_DIR / "hasp-keys"), "sync", "--watch", *self.watch_arguments]
+        self._spawn("sync-watch", command, env=self.env)
+
+    def restart_redis(self) -> None:
+        """Restart the stack's own redis-server on the same port, empty."""
+        assert self._redis is not None, "only a Redis that the stack started"
+        self._redis.stop()
+        self._redis.start()
 
     def stop_authz(self) -> int | None:
         """Stop hasp-authz alone, leaving Envoy without its sidecar."""

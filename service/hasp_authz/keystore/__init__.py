@@ -1,9 +1,14 @@
 """The key store: the source of truth for organizations and API keys.
 
-A backend implements ``KeyStore`` and is chosen by URL scheme in ``open_keystore``.
-Only the SQLite backend exists so far. A backend stores the SHA-256 hash of each
-token, never the token. It validates every input before writing, so a failed call
-changes nothing.
+A backend implements ``KeyStore`` and is chosen by URL scheme in ``open_keystore``:
+SQLite (``sqlite.py``) or PostgreSQL (``postgres.py``). Both share their queries
+through ``sql.SqlKeyStore``. A backend stores the SHA-256 hash of each token, never
+the token. It validates every input before writing, so a failed call changes
+nothing.
+
+Other programs may write the tables directly in SQL (docs/keystore.md is that
+contract). Database triggers record every change that the Redis copy depends on
+in the ``key_changes`` table, which ``changes_since`` reads.
 
 Timestamps cross this interface as timezone-aware ``datetime`` values in UTC, and
 each backend chooses its own column type.
@@ -15,8 +20,8 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Literal, Protocol
 
 from hasp_authz.scopes import SCOPES, unknown_scopes
 from hasp_authz.tokens import CROCKFORD_ALPHABET
@@ -96,6 +101,30 @@ class ApiKey:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the change log, written by a trigger in the same transaction.
+
+    ``kind`` is "key" for a change to an api_keys row, with the key's id, hash and
+    org as they were written (the old values for a deletion). It is "org" for a
+    change to an orgs row, with ``key_id`` and ``key_hash`` None.
+    """
+
+    seq: int
+    kind: Literal["key", "org"]
+    key_id: str | None
+    key_hash: str | None
+    org_id: str
+    changed_at: datetime
+
+    def __repr__(self) -> str:
+        # NOTE: the hash is left out, as in ApiKey.
+        return (
+            f"Change(seq={self.seq!r}, kind={self.kind!r}, key_id={self.key_id!r}, "
+            f"org_id={self.org_id!r}, changed_at={self.changed_at!r})"
+        )
+
+
 class KeyStore(Protocol):
     """Operations every backend provides. Each raises KeyStoreError subclasses."""
 
@@ -139,6 +168,10 @@ class KeyStore(Protocol):
         """Return one key, revoked or not. Raises InvalidInput or KeyNotFound."""
         ...
 
+    def get_key_by_hash(self, key_hash: str) -> ApiKey:
+        """Return the key with this token hash. Raises InvalidInput or KeyNotFound."""
+        ...
+
     def list_keys(
         self, org_id: str | None = None, include_revoked: bool = True
     ) -> list[ApiKey]:
@@ -156,14 +189,69 @@ class KeyStore(Protocol):
         """
         ...
 
+    def record_last_used(self, times: dict[str, datetime]) -> int:
+        """Set each key's last_used_at to the later of the stored and given time.
+
+        ``times`` maps key ids to aware datetimes. Unknown key ids are ignored.
+        Returns the number of keys updated. Writes no change-log row, because
+        the Redis copy does not hold this column. Raises InvalidInput.
+        """
+        ...
+
+    def latest_change_seq(self) -> int:
+        """Return the highest seq in the change log, 0 when the log is empty."""
+        ...
+
+    def changes_since(self, seq: int, limit: int = 1000) -> list[Change]:
+        """Return up to ``limit`` change-log rows with a seq above ``seq``, ascending.
+
+        Seq order is commit order, so a reader that remembers the last seq it
+        handled misses no committed change. Raises InvalidInput for a negative
+        ``seq`` or a ``limit`` below 1.
+        """
+        ...
+
+    def prune_changes(self, before_seq: int) -> int:
+        """Delete change-log rows with a seq below ``before_seq``; return how many.
+
+        Seq values are never reused, so pruning does not disturb a reader whose
+        position is at or above ``before_seq``.
+        """
+        ...
+
+    def wait_for_changes(self, timeout: float) -> None:
+        """Block until the change log may have new rows, or ``timeout`` seconds pass.
+
+        It may return early and without a change, so call ``changes_since`` after
+        every return. PostgreSQL waits for a notification from the triggers, and
+        the first call on a store starts listening and returns at once. SQLite
+        sleeps for ``timeout`` or the poll interval, whichever is shorter.
+        """
+        ...
+
+    def schema_version(self) -> int:
+        """Return the newest schema migration applied, 0 for an empty database."""
+        ...
+
+    def migrate(self) -> int:
+        """Apply the pending schema migrations in one transaction; return the version.
+
+        Raises KeyStoreUnavailable when the database has a newer schema than this
+        code knows.
+        """
+        ...
+
     def close(self) -> None: ...
 
 
-def open_keystore(url: str) -> KeyStore:
-    """Open the store that ``url`` names, creating and migrating it as needed.
+def open_keystore(url: str, migrate: bool = True) -> KeyStore:
+    """Open the store that ``url`` names, and migrate its schema unless told not to.
 
     ``sqlite:///relative/path.db`` is relative to the current directory and
-    ``sqlite:////absolute/path.db`` is absolute.
+    ``sqlite:////absolute/path.db`` is absolute. ``postgresql://`` and
+    ``postgres://`` URLs are libpq connection URIs, and the tables live in the
+    first schema of the search_path that exists (set it with
+    ``?options=-csearch_path%3Dmyschema``).
     Raises InvalidInput for an unsupported URL and KeyStoreUnavailable when the
     store cannot be opened.
     """
@@ -172,15 +260,15 @@ def open_keystore(url: str) -> KeyStore:
     if scheme == "sqlite":
         from hasp_authz.keystore.sqlite import SqliteKeyStore
 
-        return SqliteKeyStore.open(_sqlite_path(rest))
+        return SqliteKeyStore.open(_sqlite_path(rest), migrate=migrate)
     if scheme in ("postgresql", "postgres"):
-        raise InvalidInput(
-            "PostgreSQL key stores are not supported yet: use a sqlite:/// URL "
-            "in HASP_KEYSTORE_URL"
-        )
+        from hasp_authz.keystore.postgres import PostgresKeyStore
+
+        return PostgresKeyStore.open(url, migrate=migrate)
     # NOTE: only the scheme is shown, because the URL may contain a password.
     raise InvalidInput(
-        f"unsupported key store URL scheme {scheme!r}: use sqlite:///path/to/file.db"
+        f"unsupported key store URL scheme {scheme!r}: use sqlite:///path/to/file.db "
+        "or postgresql://user@host:port/database"
     )
 
 
@@ -254,6 +342,16 @@ def validate_key_hash(key_hash: str) -> None:
             "invalid key hash: expected 64 lower-case hex characters, "
             "the SHA-256 of the token (tokens.hash_token)"
         )
+
+
+def validate_time(moment: datetime, what: str) -> datetime:
+    """Return ``moment`` in UTC. Raises InvalidInput for a naive datetime."""
+    if moment.tzinfo is None:
+        raise InvalidInput(
+            f"{what} {moment.isoformat()} has no time zone: pass an aware "
+            "datetime, for example in UTC"
+        )
+    return moment.astimezone(UTC)
 
 
 def validate_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
