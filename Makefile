@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test proto lint clean
+.PHONY: help run test proto lint clean bench-sync
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(STAMP) ## Run the whole test suite against real Redis, PostgreSQL and En
 
 proto: $(STAMP) ## Regenerate the Python code under service/hasp_authz/proto from proto/
 	$(BIN)/python -m hasp_authz.dev.protogen
+
+bench-sync: $(STAMP) ## Time a full sync of 1,000 and 1,000,000 keys into an empty Redis
+	$(BIN)/python -m hasp_authz.dev.bench_sync
 
 lint: $(STAMP) ## Check formatting and lint rules with ruff
 	$(BIN)/ruff format --check service tests

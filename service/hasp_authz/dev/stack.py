@@ -197,7 +197,7 @@ DEMO_KEYS = (
 
 
 def seed_demo_data(stack: LocalStack) -> list[tuple[str, str, str]]:
-    """Create the demo orgs and fresh demo keys; return (name, org, token) rows.
+    """Create the demo orgs and fresh demo keys, and return (name, org, token) rows.
 
     Earlier demo keys are revoked, because their tokens were shown only once.
     """
