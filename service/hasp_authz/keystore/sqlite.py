@@ -63,7 +63,7 @@ class SqliteKeyStore(SqlKeyStore):
         connection.row_factory = sqlite3.Row
         store = cls(connection, path)
         try:
-            store._configure()
+            store._configure(busy_timeout)
             if migrate:
                 store.migrate()
         except sqlite3.Error as exc:
@@ -121,15 +121,33 @@ class SqliteKeyStore(SqlKeyStore):
         ).fetchone()
         return row is not None
 
-    def _configure(self) -> None:
+    def _configure(self, busy_timeout: float) -> None:
         db = self._connection
         db.execute("PRAGMA foreign_keys = ON")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._enable_wal(busy_timeout)
         if mode.lower() not in ("wal", "memory"):
             raise KeyStoreUnavailable(
                 f"cannot open key store {self.path}: SQLite could not switch to WAL "
                 f"mode (journal mode is {mode}), use a local file system"
             )
+
+    def _enable_wal(self, busy_timeout: float) -> str:
+        """Switch to WAL mode and return the journal mode now in force.
+
+        NOTE: while another connection creates or migrates a new database file,
+        SQLite can answer this pragma with "database is locked" at once instead
+        of waiting for the busy timeout, so it is retried here until that timeout.
+        """
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                return self._connection.execute("PRAGMA journal_mode = WAL").fetchone()[
+                    0
+                ]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
 
 def _create_parent(path: str) -> None:
