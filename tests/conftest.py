@@ -15,11 +15,13 @@ cases fail under CI (CI=true) and are skipped elsewhere.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -65,6 +67,29 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that stop, freeze or flush it."""
+    server = RedisServer(workdir=tmp_path).start()
+    try:
+        yield server
+    finally:
+        # A server left frozen with SIGSTOP acts on SIGTERM only once continued.
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+@pytest.fixture
+def private_client(private_redis: RedisServer) -> Iterator[redis.Redis]:
+    """A client on ``private_redis`` that returns strings."""
+    client = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
 def redis_prefix() -> str:
     """A key prefix of this test's own, so tests sharing one Redis never collide."""
     return f"hasp-test-{uuid.uuid4().hex[:12]}:"
@@ -86,6 +111,39 @@ def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def start_server(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> Iterator[Callable[..., Any]]:
+    """Return a function that starts hasp-authz and waits until it is SERVING.
+
+    The function returns a test_servicer.AuthzServer. Every server started here
+    is killed at teardown, and its log is printed, so pytest shows the log of a
+    failed test.
+    """
+    # NOTE: imported here, because test_servicer is a test module that itself
+    # uses this fixture.
+    from test_servicer import launch_server
+
+    servers = []
+
+    def start(
+        *,
+        redis_url: str = redis_url,
+        prefix: str = redis_prefix,
+        extra_args: Sequence[str] = (),
+    ):
+        server = launch_server(tmp_path, redis_url, prefix, extra_args)
+        servers.append(server)
+        server.wait_until_serving()
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+        print(f"--- hasp-authz log ({server.address}) ---\n{server.log()}")
 
 
 KEYSTORE_BACKENDS = ("sqlite", "postgresql")

@@ -32,7 +32,12 @@ from hasp_authz.records import (
     org_changed_message,
 )
 from hasp_authz.routes import load_route_table
-from hasp_authz.store import CopyUnavailable, LookupResult, RedisKeyCopy
+from hasp_authz.store import (
+    CopyUnavailable,
+    LookupResult,
+    RedisKeyCopy,
+    RedisUnavailable,
+)
 from hasp_authz.tokens import generate_token, hash_token
 
 TTL = 30.0
@@ -56,9 +61,11 @@ class CountingCopy:
         self.copy = copy
         self.calls = 0
 
-    async def lookup(self, key_hash: str) -> LookupResult:
+    async def lookup(
+        self, key_hash: str, deadline: float | None = None
+    ) -> LookupResult:
         self.calls += 1
-        return await self.copy.lookup(key_hash)
+        return await self.copy.lookup(key_hash, deadline)
 
 
 class Seeder:
@@ -463,8 +470,10 @@ def test_stale_write_after_invalidation_dropped(
         class PausingCopy:
             """Reads Redis, then waits, so an invalidation lands in between."""
 
-            async def lookup(self, lookup_hash: str) -> LookupResult:
-                result = await counting.lookup(lookup_hash)
+            async def lookup(
+                self, lookup_hash: str, deadline: float | None = None
+            ) -> LookupResult:
+                result = await counting.lookup(lookup_hash, deadline)
                 read_done.set()
                 await release.wait()
                 return result
@@ -549,3 +558,158 @@ def test_cached_key_expires_at_request_time(redis_url, layout, seeder, timer):
         assert cache.keys[key_hash] == record
 
     run_with_copy(redis_url, layout, cache, scenario)
+
+
+# --- Redis failures and stale-if-error ---
+
+SAMPLE = (KeyRecord("key_1", "org_1", ("ai:chat",)), OrgRecord("org_1", True))
+STALE_WINDOW = 10.0
+
+
+class FailingCopy:
+    """A KeyLookup that always raises ``error``."""
+
+    def __init__(self, error: CopyUnavailable):
+        self.error = error
+
+    async def lookup(
+        self, key_hash: str, deadline: float | None = None
+    ) -> LookupResult:
+        raise self.error
+
+
+def make_stale_cache(timer: FakeTimer) -> RecordCache:
+    cache = RecordCache(
+        100, TTL, NEGATIVE_TTL, timer=timer, stale_if_error_seconds=STALE_WINDOW
+    )
+    cache.resume()
+    return cache
+
+
+def failing_lookup(cache: RecordCache, key_hash: str, error: CopyUnavailable):
+    return asyncio.run(CachedKeyCopy(FailingCopy(error), cache).lookup(key_hash))
+
+
+def test_redis_failure_bypasses_cache(timer):
+    cache = make_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    with pytest.raises(RedisUnavailable):
+        failing_lookup(cache, "h2", RedisUnavailable("Redis failed: test"))
+
+    assert cache.redis_failed is True
+    assert cache.active is False
+    assert cache.get("h1") is None
+
+
+def test_copy_data_error_keeps_cache(timer):
+    cache = make_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    with pytest.raises(CopyUnavailable):
+        failing_lookup(cache, "h2", CopyUnavailable("malformed KeyRecord"))
+
+    assert cache.redis_failed is False
+    assert cache.get("h1") == CacheHit(SAMPLE)
+
+
+def test_stale_if_error_off_by_default(timer):
+    cache = make_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+    cache.suspend()
+
+    assert cache.get_stale("h1") is None
+    with pytest.raises(RedisUnavailable):
+        failing_lookup(cache, "h1", RedisUnavailable("Redis failed: test"))
+
+
+def test_stale_if_error_serves_verified_key(timer):
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+    cache.suspend()
+    failure = RedisUnavailable("Redis failed: test")
+
+    timer.now += STALE_WINDOW - 1
+    assert failing_lookup(cache, "h1", failure) == SAMPLE
+    with pytest.raises(RedisUnavailable):
+        failing_lookup(cache, "h_never_verified", failure)
+    timer.now += 2
+    with pytest.raises(RedisUnavailable):
+        failing_lookup(cache, "h1", failure)
+
+
+def test_stale_if_error_never_serves_unknown(timer):
+    cache = make_stale_cache(timer)
+    cache.put("h_unknown", None, cache.generation)
+
+    assert cache.get("h_unknown") == CacheHit(None)
+    assert cache.get_stale("h_unknown") is None
+
+
+def test_cache_hit_renews_stale_entry(timer):
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    timer.now += 8
+    assert cache.get("h1") == CacheHit(SAMPLE)
+    timer.now += 7
+    cache.suspend()
+
+    assert cache.get_stale("h1") == SAMPLE
+    timer.now += 4
+    assert cache.get_stale("h1") is None
+
+
+def test_suspend_keeps_stale_entries(timer):
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    cache.suspend()
+
+    assert cache.get("h1") is None
+    assert cache.get_stale("h1") == SAMPLE
+
+
+def test_put_while_bypassed_keeps_stale_only(timer):
+    cache = make_stale_cache(timer)
+    cache.suspend()
+
+    assert cache.put("h1", SAMPLE, cache.generation) is False
+
+    assert len(cache.keys) == 0
+    assert cache.get_stale("h1") == SAMPLE
+
+
+@pytest.mark.parametrize(
+    "message",
+    [key_changed_message("h1"), org_changed_message("org_1"), flush_message()],
+    ids=["key", "org", "all"],
+)
+def test_change_message_drops_stale_entry(timer, message):
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    apply_change_message(cache, message)
+    cache.suspend()
+
+    assert cache.get_stale("h1") is None
+
+
+def test_negative_result_drops_stale_entry(timer):
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+
+    cache.put("h1", None, cache.generation)
+
+    assert cache.get_stale("h1") is None
+
+
+def test_resume_clears_stale_entries(timer):
+    # Changes made while the subscription was down never reached these entries.
+    cache = make_stale_cache(timer)
+    cache.put("h1", SAMPLE, cache.generation)
+    cache.suspend()
+
+    cache.resume()
+
+    assert cache.get_stale("h1") is None

@@ -31,6 +31,9 @@ def test_environment_variable_names():
         "cache_ttl_seconds": "HASP_CACHE_TTL_SECONDS",
         "negative_cache_ttl_seconds": "HASP_NEGATIVE_CACHE_TTL_SECONDS",
         "last_used_flush_seconds": "HASP_LAST_USED_FLUSH_SECONDS",
+        "max_concurrent_checks": "HASP_MAX_CONCURRENT_CHECKS",
+        "shutdown_grace_seconds": "HASP_SHUTDOWN_GRACE_SECONDS",
+        "stale_if_error_seconds": "HASP_STALE_IF_ERROR_SECONDS",
     }
 
 
@@ -50,6 +53,9 @@ def test_load_settings_defaults():
     assert settings.cache_ttl_seconds == 30.0
     assert settings.negative_cache_ttl_seconds == 1.0
     assert settings.last_used_flush_seconds == 60.0
+    assert settings.max_concurrent_checks == 256
+    assert settings.shutdown_grace_seconds == 5.0
+    assert settings.stale_if_error_seconds == 0.0
 
 
 def test_load_settings_defaults_without_overrides():
@@ -76,6 +82,9 @@ def test_load_settings_reads_environment():
         "HASP_CACHE_TTL_SECONDS": "12.5",
         "HASP_NEGATIVE_CACHE_TTL_SECONDS": "0.25",
         "HASP_LAST_USED_FLUSH_SECONDS": "0.5",
+        "HASP_MAX_CONCURRENT_CHECKS": "32",
+        "HASP_SHUTDOWN_GRACE_SECONDS": "12",
+        "HASP_STALE_IF_ERROR_SECONDS": "30",
     }
 
     settings = load_settings({}, environ=environ)
@@ -92,6 +101,9 @@ def test_load_settings_reads_environment():
     assert settings.cache_ttl_seconds == 12.5
     assert settings.negative_cache_ttl_seconds == 0.25
     assert settings.last_used_flush_seconds == 0.5
+    assert settings.max_concurrent_checks == 32
+    assert settings.shutdown_grace_seconds == 12.0
+    assert settings.stale_if_error_seconds == 30.0
 
 
 def test_load_settings_flag_wins_over_environment():
@@ -200,6 +212,15 @@ def test_load_settings_accepts_redis_url(url):
         ("HASP_LAST_USED_FLUSH_SECONDS", "0"),
         ("HASP_LAST_USED_FLUSH_SECONDS", "-60"),
         ("HASP_LAST_USED_FLUSH_SECONDS", "1m"),
+        ("HASP_MAX_CONCURRENT_CHECKS", "0"),
+        ("HASP_MAX_CONCURRENT_CHECKS", "-5"),
+        ("HASP_MAX_CONCURRENT_CHECKS", "unlimited"),
+        ("HASP_SHUTDOWN_GRACE_SECONDS", "-1"),
+        ("HASP_SHUTDOWN_GRACE_SECONDS", "5s"),
+        ("HASP_SHUTDOWN_GRACE_SECONDS", "inf"),
+        ("HASP_STALE_IF_ERROR_SECONDS", "-1"),
+        ("HASP_STALE_IF_ERROR_SECONDS", "301"),
+        ("HASP_STALE_IF_ERROR_SECONDS", "forever"),
     ],
 )
 def test_load_settings_error_names_variable(variable, value):
@@ -230,12 +251,25 @@ def test_load_settings_redis_timeout_must_be_below_budget(timeout, budget):
         ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "0", "negative_cache_ttl_seconds", 0.0),
         ("HASP_NEGATIVE_CACHE_TTL_SECONDS", "30", "negative_cache_ttl_seconds", 30.0),
         ("HASP_LAST_USED_FLUSH_SECONDS", "0.05", "last_used_flush_seconds", 0.05),
+        ("HASP_SHUTDOWN_GRACE_SECONDS", "0", "shutdown_grace_seconds", 0.0),
+        ("HASP_STALE_IF_ERROR_SECONDS", "300", "stale_if_error_seconds", 300.0),
     ],
 )
 def test_load_settings_accepts_cache_edge(variable, value, field, expected):
     settings = load_settings({}, environ={variable: value})
 
     assert getattr(settings, field) == expected
+
+
+def test_load_settings_stale_if_error_needs_cache():
+    environ = {"HASP_STALE_IF_ERROR_SECONDS": "10", "HASP_CACHE_SIZE": "0"}
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ=environ)
+
+    message = str(caught.value)
+    assert "HASP_STALE_IF_ERROR_SECONDS=10" in message
+    assert "HASP_CACHE_SIZE" in message
 
 
 def test_load_settings_negative_ttl_must_not_exceed_ttl():

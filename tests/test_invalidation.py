@@ -209,6 +209,25 @@ def test_subscriber_loss_bypasses_until_restored(tmp_path, layout, caplog):
     assert caplog.text.count(RESTORED_LOG) == 1
 
 
+def test_subscriber_resubscribes_after_check_failure(redis_url, layout, caplog):
+    async def main() -> None:
+        subscriber, task = await running_subscriber(redis_url, layout)
+        cache = subscriber.cache
+        try:
+            cache.report_redis_failure()
+            assert not cache.active
+            assert await eventually(lambda: cache.active, 3.0)
+            assert cache.redis_failed is False
+        finally:
+            await stop_subscriber(subscriber, task)
+
+    with caplog.at_level(logging.INFO, logger="hasp_authz.invalidation"):
+        asyncio.run(main())
+
+    assert "a Check's Redis call failed; subscribing again" in caplog.text
+    assert caplog.text.count(RESTORED_LOG) == 1
+
+
 def test_subscriber_unreachable_at_start(layout, caplog):
     async def main() -> None:
         cache = RecordCache(100, 3600, 3600)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,34 +137,6 @@ def wait_for_log(server: AuthzServer, text: str, within: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{server.address} never logged {text!r}:\n{server.log()}")
         time.sleep(0.02)
-
-
-@pytest.fixture
-def start_server(
-    tmp_path: Path, redis_url: str, redis_prefix: str
-) -> Iterator[Callable[..., AuthzServer]]:
-    """Return a function that starts hasp-authz and waits until it is SERVING.
-
-    Every server started here is killed at teardown, and its log is printed, so
-    pytest shows the log of a failed test.
-    """
-    servers: list[AuthzServer] = []
-
-    def start(
-        *,
-        redis_url: str = redis_url,
-        prefix: str = redis_prefix,
-        extra_args: Sequence[str] = (),
-    ) -> AuthzServer:
-        server = launch_server(tmp_path, redis_url, prefix, extra_args)
-        servers.append(server)
-        server.wait_until_serving()
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-        print(f"--- hasp-authz log ({server.address}) ---\n{server.log()}")
 
 
 @pytest.fixture

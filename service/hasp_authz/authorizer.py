@@ -48,8 +48,13 @@ class Authorizer:
         self.clock = clock
         self.last_used = last_used
 
-    async def authorize(self, request: HttpAttributes) -> Decision:
-        """Return the decision for one request. Raises CopyUnavailable."""
+    async def authorize(
+        self, request: HttpAttributes, deadline: float | None = None
+    ) -> Decision:
+        """Return the decision for one request. Raises CopyUnavailable.
+
+        ``deadline`` (event-loop time) ends the key lookup; see store.KeyLookup.
+        """
         credentials = read_credentials(request.authorization)
         if credentials.token is None:
             return Decision(
@@ -57,7 +62,7 @@ class Authorizer:
                 message=credentials_message(request.authorization),
                 credentials_sent=credentials.sent,
             )
-        found = await self.copy.lookup(hash_token(credentials.token))
+        found = await self.copy.lookup(hash_token(credentials.token), deadline)
         key, org = found if found is not None else (None, None)
         now = self.clock()
         decision = decide(

@@ -47,6 +47,15 @@ class Settings:
     negative_cache_ttl_seconds: float = 1.0
     # Interval between writes of key last-used times to Redis.
     last_used_flush_seconds: float = 60.0
+    # Checks running at once. Past this, a Check gets the 503 deny at once
+    # instead of waiting for a slot past Envoy's timeout.
+    max_concurrent_checks: int = 256
+    # Time that in-flight Checks get to finish after SIGTERM or SIGINT.
+    shutdown_grace_seconds: float = 5.0
+    # While lookups in the Redis copy fail, keys verified within this many
+    # seconds are still decided from memory. 0 turns it off, so every such
+    # Check gets the 503.
+    stale_if_error_seconds: float = 0.0
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -116,9 +125,21 @@ def _validated(values: dict[str, object]) -> Settings:
             values, "negative_cache_ttl_seconds", defaults, zero_allowed=True
         ),
         last_used_flush_seconds=_seconds(values, "last_used_flush_seconds", defaults),
+        max_concurrent_checks=_positive_int(values, "max_concurrent_checks", defaults),
+        shutdown_grace_seconds=_seconds(
+            values, "shutdown_grace_seconds", defaults, zero_allowed=True
+        ),
+        stale_if_error_seconds=_seconds(
+            values, "stale_if_error_seconds", defaults, zero_allowed=True
+        ),
     )
     _check_relations(settings)
     return settings
+
+
+# Upper bound of HASP_STALE_IF_ERROR_SECONDS. A revocation made while Redis is
+# failing is not seen for up to this long, so the window stays short.
+MAX_STALE_IF_ERROR_SECONDS = 300.0
 
 
 def _check_relations(settings: Settings) -> None:
@@ -136,6 +157,23 @@ def _check_relations(settings: Settings) -> None:
             f"{settings.negative_cache_ttl_seconds:g} must not exceed "
             f"{ENVIRONMENT['cache_ttl_seconds']}={settings.cache_ttl_seconds:g}; "
             "lower the negative TTL or raise the cache TTL"
+        )
+    _check_stale_if_error(settings)
+
+
+def _check_stale_if_error(settings: Settings) -> None:
+    variable = ENVIRONMENT["stale_if_error_seconds"]
+    if settings.stale_if_error_seconds > MAX_STALE_IF_ERROR_SECONDS:
+        raise ConfigError(
+            f"{variable}={settings.stale_if_error_seconds:g} is too long; expected "
+            f"at most {MAX_STALE_IF_ERROR_SECONDS:g} seconds, because a key revoked "
+            "while Redis is failing stays usable for that long"
+        )
+    if settings.stale_if_error_seconds > 0 and settings.cache_size == 0:
+        raise ConfigError(
+            f"{variable}={settings.stale_if_error_seconds:g} needs the in-process "
+            f"cache, which keeps the verified keys; set {ENVIRONMENT['cache_size']} "
+            f"above 0 or {variable} to 0"
         )
 
 

@@ -20,7 +20,10 @@ down, so the cache stays bypassed and the warning names the error.
 While the subscription is down the cache is bypassed, because messages
 published meanwhile are lost. The subscriber clears the cache on loss,
 reconnects with exponential backoff (0.1 s doubling to 2 s), and clears it once
-more after it has subscribed again, before the cache is used.
+more after it has subscribed again, before the cache is used. A Check whose
+Redis call failed bypasses the cache too (``RecordCache.report_redis_failure``),
+and the subscriber then drops its connection and subscribes again, so the
+cache returns only once Redis has answered a new subscription.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ log = logging.getLogger(__name__)
 # a RESP2 connection that redirects them to itself.
 TRACKING_CHANNEL = "__redis__:invalidate"
 # Seconds without any message before the subscriber sends PING. No reply within
-# the same time counts as a lost connection.
-# NOTE: so a connection that dies silently (no FIN or RST, as in a network
-# partition) is noticed only after up to twice this, and cache hits go on until then.
-KEEPALIVE_SECONDS = 5.0
+# the same time counts as a lost connection. A frozen Redis or a connection that
+# dies silently (no FIN or RST, as in a network partition) is so noticed within
+# twice this, and cache hits go on until then unless a Check's own Redis call
+# fails first. Two PINGs a second per process are no load for Redis.
+KEEPALIVE_SECONDS = 0.5
 # Connect and command timeout of the subscriber's connection, in seconds.
 CONNECTION_TIMEOUT_SECONDS = 1.0
 
@@ -151,6 +155,8 @@ class ChangeSubscriber:
         await self.client.aclose()
 
     async def _subscribe_and_listen(self) -> None:
+        # The new subscription covers any failure reported before this point.
+        self.cache.redis_failed = False
         async with self.client.pubsub() as pubsub:
             await pubsub.connect()
             await self._track_marker(pubsub.connection)
@@ -172,6 +178,8 @@ class ChangeSubscriber:
         awaiting_pong = False
         while True:
             message = await pubsub.get_message(timeout=self.keepalive_seconds)
+            if self.cache.redis_failed:
+                raise ConnectionError("a Check's Redis call failed; subscribing again")
             if message is None:
                 if awaiting_pong:
                     raise ConnectionError(

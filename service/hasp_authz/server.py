@@ -2,8 +2,15 @@
 
 Beside the gRPC server, two background tasks run on the same event loop: the
 ChangeSubscriber that keeps the in-process cache fresh (only when the cache is
-on) and the LastUsedRecorder's periodic flush. On SIGTERM or SIGINT the server
-drains in-flight Checks, stops both tasks and flushes last-used times once more.
+on) and the LastUsedRecorder's periodic flush.
+
+Shutdown on SIGTERM or SIGINT: the health service reports NOT_SERVING at once.
+Checks, new ones included, still get responses until none is in flight,
+because Envoy in the same pod may still send requests while it stops. That
+lasts at most HASP_SHUTDOWN_GRACE_SECONDS less one check budget. Then the
+server stops accepting RPCs and gives the Checks in flight the rest of the
+grace period before it cancels them. Last, it stops both tasks and flushes
+last-used times once more, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -29,8 +36,6 @@ from hasp_authz.store import KeyLookup, RedisKeyCopy
 
 log = logging.getLogger(__name__)
 
-# Seconds in-flight Checks get to finish after SIGTERM or SIGINT.
-SHUTDOWN_GRACE_SECONDS = 5.0
 # Connect and socket timeout of the last-used flush client, in seconds.
 BACKGROUND_TIMEOUT_SECONDS = 2.0
 # Time limit of the last flush at shutdown, in seconds.
@@ -40,19 +45,26 @@ FINAL_FLUSH_TIMEOUT_SECONDS = 5.0
 def build_redis_client(settings: Settings) -> redis.Redis:
     """Create the Check path's Redis client with deliberate timeouts and pool size.
 
-    No retries: one failed call becomes a 503 that the client may retry, which
-    keeps every Check inside its budget.
+    Connect, read and write each time out after HASP_REDIS_TIMEOUT_MS. The pool
+    has at most HASP_REDIS_MAX_CONNECTIONS connections. It is redis-py's
+    BlockingConnectionPool, so a Check that finds every connection busy waits
+    for one, up to one Redis timeout and never past its own deadline. The
+    default ConnectionPool would fail that Check at once, even when a
+    connection comes free a moment later. redis-py retries nothing here: the
+    one retry of a failed connection is store.RedisKeyCopy's, which knows the
+    Check's deadline.
     """
     timeout = settings.redis_timeout_ms / 1000
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        max_connections=settings.redis_max_connections,
-        retry_on_timeout=False,
         retry=None,
         health_check_interval=0,
     )
+    return redis.Redis.from_pool(pool)
 
 
 def build_background_client(settings: Settings) -> redis.Redis:
@@ -76,13 +88,16 @@ def build_key_lookup(
 
     The subscriber is None when the cache is off.
     """
-    copy = RedisKeyCopy(client, layout)
+    copy = RedisKeyCopy(
+        client, layout, redis_timeout_seconds=settings.redis_timeout_ms / 1000
+    )
     if settings.cache_size == 0:
         return copy, None
     cache = RecordCache(
         settings.cache_size,
         settings.cache_ttl_seconds,
         settings.negative_cache_ttl_seconds,
+        stale_if_error_seconds=settings.stale_if_error_seconds,
     )
     subscriber = ChangeSubscriber(settings.redis_url, layout, cache)
     return CachedKeyCopy(copy, cache), subscriber
@@ -101,7 +116,9 @@ class AuthzService:
         self.recorder = LastUsedRecorder(self.background_client, layout)
         authorizer = Authorizer(lookup, self.routes, last_used=self.recorder)
         self.servicer = AuthorizationServicer(
-            authorizer, budget_seconds=settings.check_budget_ms / 1000
+            authorizer,
+            budget_seconds=settings.check_budget_ms / 1000,
+            max_concurrent_checks=settings.max_concurrent_checks,
         )
         self.server = grpc.aio.server()
         self.health = health.aio.HealthServicer()
@@ -122,8 +139,18 @@ class AuthzService:
 
     async def stop(self) -> None:
         """Drain in-flight Checks, stop the tasks, flush once more, close clients."""
-        await _set_serving(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(SHUTDOWN_GRACE_SECONDS)
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_grace_seconds
+        deadline = loop.time() + grace
+        await self.health.enter_graceful_shutdown()
+        budget = self.settings.check_budget_ms / 1000
+        idle = await self.servicer.wait_until_idle(max(0.0, grace - budget))
+        if not idle:
+            log.info(
+                "stopping: %d checks still in flight; no new ones are accepted",
+                self.servicer.in_flight,
+            )
+        await self.server.stop(max(0.0, deadline - loop.time()))
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -145,7 +172,9 @@ async def serve(settings: Settings) -> None:
 
     await _wait_for_stop_signal()
     log.info(
-        "stopping: draining in-flight checks for up to %.0f s", SHUTDOWN_GRACE_SECONDS
+        "stopping: health reports NOT_SERVING; draining in-flight checks for up to "
+        "%g s",
+        settings.shutdown_grace_seconds,
     )
     await service.stop()
     log.info("hasp-authz stopped")

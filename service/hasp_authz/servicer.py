@@ -1,14 +1,26 @@
 """The gRPC face of hasp-authz: Envoy's Authorization/Check.
 
-Fail-closed policy: Check never raises. A dependency failure, a timeout or a
-bug anywhere below becomes the 503 AUTH_UNAVAILABLE deny, logged with the
-request id. Only this module touches protobuf request messages.
+Fail-closed policy: Check never raises, except when gRPC cancels it because
+the caller gave up or the shutdown grace period ended. A dependency failure, a
+timeout or a bug anywhere below becomes the 503 AUTH_UNAVAILABLE deny, logged
+with the request id. Only this module touches protobuf request messages.
+
+Time budget: each Check works to a deadline, HASP_CHECK_BUDGET_MS from its
+start or a little before the RPC's own deadline, whichever comes first, so the
+503 reaches Envoy before Envoy gives up on the call. The key lookup ends at that
+deadline (store.py); a backstop just after it covers a hang anywhere else.
+
+Overload: at most ``max_concurrent_checks`` Checks run at once. One more gets
+the same 503 at once, without waiting for a slot, because a queued Check would
+only be answered after Envoy's timeout. The gRPC health service is a separate
+servicer and is not counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -28,23 +40,63 @@ from hasp_authz.store import CopyUnavailable
 log = logging.getLogger(__name__)
 
 _IDENTITY_PREFIX = "x-hasp-"
+# Seconds kept back from the RPC deadline for the reply to travel to Envoy.
+REPLY_MARGIN_SECONDS = 0.02
+# The servicer's own limit comes this long after the lookup's deadline, so the
+# lookup's limit fires first and the cache learns that Redis failed.
+BACKSTOP_SECONDS = 0.05
+# Seconds between two overload warnings. Each warning counts the Checks denied
+# since the previous one.
+OVERLOAD_LOG_INTERVAL_SECONDS = 1.0
 
 
 class AuthorizationServicer(auth_grpc.AuthorizationServicer):
-    def __init__(self, authorizer: Authorizer, *, budget_seconds: float):
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        *,
+        budget_seconds: float,
+        max_concurrent_checks: int = 256,
+    ):
         self.authorizer = authorizer
         # Upper bound for one Check; the RPC deadline shortens it further.
         self.budget_seconds = budget_seconds
+        self.max_concurrent_checks = max_concurrent_checks
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._overload_denied = 0
+        self._overload_logged_at = -OVERLOAD_LOG_INTERVAL_SECONDS
 
     async def Check(  # noqa: N802 - the RPC name is fixed by Envoy's proto
         self, request: auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.CheckResponse:
+        if self.in_flight >= self.max_concurrent_checks:
+            return self._deny_overloaded(request)
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._check(request, context)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_until_idle(self, timeout: float) -> bool:
+        """Wait until no Check is in flight. Returns False after ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _check(
+        self, request: auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CheckResponse:
         request_id = "req_unknown"
         try:
+            request_id = _request_id(request)
             http = request.attributes.request.http
-            # NOTE: http.id is Envoy's internal stream id, not the x-request-id
-            # that Envoy returns to the client, so the header comes first.
-            request_id = request_id_for(_first(http, "x-request-id") or http.id)
             attributes, strip_headers = read_http_attributes(http, request_id)
             decision = await self._decide(attributes, context)
         except Exception:
@@ -64,11 +116,20 @@ class AuthorizationServicer(auth_grpc.AuthorizationServicer):
         budget = self.budget_seconds
         remaining = context.time_remaining()
         if remaining is not None:
-            budget = min(budget, remaining)
-        try:
-            return await asyncio.wait_for(
-                self.authorizer.authorize(attributes), timeout=budget
+            budget = min(budget, remaining - REPLY_MARGIN_SECONDS)
+        if budget <= 0:
+            log.warning(
+                "check arrived with %.3f s left before its RPC deadline; denying "
+                "with 503 request_id=%s",
+                remaining,
+                attributes.request_id,
             )
+            return Decision(Outcome.AUTH_UNAVAILABLE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        try:
+            async with asyncio.timeout_at(deadline + BACKSTOP_SECONDS):
+                return await self.authorizer.authorize(attributes, deadline)
         except CopyUnavailable as error:
             log.warning(
                 "key copy unavailable; denying with 503 request_id=%s error=%s",
@@ -82,6 +143,34 @@ class AuthorizationServicer(auth_grpc.AuthorizationServicer):
                 attributes.request_id,
             )
         return Decision(Outcome.AUTH_UNAVAILABLE)
+
+    def _deny_overloaded(
+        self, request: auth_pb2.CheckRequest
+    ) -> auth_pb2.CheckResponse:
+        try:
+            request_id = _request_id(request)
+        except Exception:
+            request_id = request_id_for("")
+        self._overload_denied += 1
+        now = time.monotonic()
+        if now - self._overload_logged_at >= OVERLOAD_LOG_INTERVAL_SECONDS:
+            log.warning(
+                "overloaded: %d Checks in flight, the HASP_MAX_CONCURRENT_CHECKS "
+                "limit; denied %d Checks with 503 since the last warning",
+                self.in_flight,
+                self._overload_denied,
+            )
+            self._overload_logged_at = now
+            self._overload_denied = 0
+        log.debug("deny code=AUTH_UNAVAILABLE request_id=%s overloaded", request_id)
+        return deny_response(Decision(Outcome.AUTH_UNAVAILABLE), request_id=request_id)
+
+
+def _request_id(request: auth_pb2.CheckRequest) -> str:
+    http = request.attributes.request.http
+    # NOTE: http.id is Envoy's internal stream id, not the x-request-id that
+    # Envoy returns to the client, so the header comes first.
+    return request_id_for(_first(http, "x-request-id") or http.id)
 
 
 def read_http_attributes(

@@ -57,6 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
         "last_used_flush_seconds",
         "interval between writes of key last-used times to Redis, seconds",
     )
+    _add(
+        serve,
+        "--max-concurrent-checks",
+        "max_concurrent_checks",
+        "Checks running at once; more get the 503 deny at once",
+    )
+    _add(
+        serve,
+        "--shutdown-grace-seconds",
+        "shutdown_grace_seconds",
+        "time that in-flight Checks get to finish after SIGTERM, seconds",
+    )
+    _add(
+        serve,
+        "--stale-if-error-seconds",
+        "stale_if_error_seconds",
+        "while Redis fails, allow keys verified this recently, seconds; 0 is off",
+    )
     return parser
 
 

@@ -72,12 +72,20 @@ class ManagedProcess:
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` (SIGSTOP, SIGCONT, SIGKILL ...) if the child runs."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signum)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """Send SIGTERM, wait, then SIGKILL. Return the exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            # A child stopped with SIGSTOP acts on SIGTERM only once continued.
+            self.process.send_signal(signal.SIGCONT)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

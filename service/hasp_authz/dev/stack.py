@@ -113,6 +113,10 @@ class LocalStack:
         process = self.processes.pop("hasp-authz", None)
         return process.stop() if process else None
 
+    def signal_authz(self, signum: int) -> None:
+        """Send a signal to hasp-authz, for fault tests: SIGSTOP, SIGCONT, SIGKILL."""
+        self.processes["hasp-authz"].send_signal(signum)
+
     def _start_upstream(self) -> None:
         command = [
             sys.executable,
