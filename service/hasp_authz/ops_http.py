@@ -1,0 +1,172 @@
+"""The operations HTTP server: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+It listens on HASP_METRICS_LISTEN, apart from the gRPC Check port, in a thread
+of its own (stdlib ``http.server``), so a scrape never runs on the event loop
+that serves Checks.
+
+- ``/healthz`` returns 200 while the process runs.
+- ``/readyz`` returns 200 while the last readiness probe passed, else 503 with
+  a one-line plain-text reason. The probe runs on the event loop every
+  ``interval`` seconds (``ReadinessProbe.run``). A request only reads its last
+  result, so a flood of probes never reaches Redis.
+- ``/metrics`` returns the Prometheus text format of the server's registry.
+
+The gRPC health service on the Check port is separate and unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import redis.asyncio as redis
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+# Seconds between two readiness probes, and the time limit of one.
+PROBE_INTERVAL_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """The result of one readiness probe. ``reason`` is empty when ready."""
+
+    ready: bool
+    reason: str
+
+
+NOT_PROBED = Readiness(False, "readiness not probed yet")
+
+
+class ReadinessProbe:
+    """Probes Redis, the completeness marker and the change subscription.
+
+    ``subscription_live`` returns whether the change subscription is up. It is
+    None when the in-process cache is off, because no subscription runs then.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        marker: str,
+        subscription_live: Callable[[], bool] | None = None,
+        *,
+        interval: float = PROBE_INTERVAL_SECONDS,
+    ):
+        self.client = client
+        self.marker = marker
+        self.subscription_live = subscription_live
+        self.interval = interval
+        # Replaced whole by the event loop and read by the HTTP thread. A
+        # single attribute assignment is atomic, so no lock is needed.
+        self.current = NOT_PROBED
+
+    async def run(self) -> None:
+        """Probe every ``interval`` seconds until cancelled."""
+        while True:
+            self._update(await self.probe())
+            await asyncio.sleep(self.interval)
+
+    async def probe(self) -> Readiness:
+        """Run one probe: PING, EXISTS on the marker, then the subscription flag."""
+        try:
+            async with asyncio.timeout(self.interval):
+                await self.client.ping()
+                marker_present = await self.client.exists(self.marker)
+        except TimeoutError:
+            return Readiness(False, f"Redis did not reply within {self.interval:g} s")
+        except redis.RedisError as error:
+            return Readiness(False, f"Redis unreachable: {type(error).__name__}")
+        if not marker_present:
+            return Readiness(
+                False, f"completeness marker {self.marker} missing; run hasp-keys sync"
+            )
+        if self.subscription_live is not None and not self.subscription_live():
+            return Readiness(False, "change subscription down")
+        return Readiness(True, "")
+
+    def _update(self, result: Readiness) -> None:
+        previous, self.current = self.current, result
+        if result == previous:
+            return
+        if result.ready:
+            log.info(
+                "ready: Redis responds, the copy is complete, subscription is live"
+            )
+        else:
+            log.warning("not ready: %s", result.reason)
+
+
+class OpsHttpServer:
+    """Serves /metrics, /healthz and /readyz from a daemon thread."""
+
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        readiness: Callable[[], Readiness],
+    ):
+        host, _, port = listen.rpartition(":")
+        handler = _handler_class(registry, readiness)
+        # Raises OSError when the address is in use, before any thread starts.
+        self.httpd = ThreadingHTTPServer((host, int(port)), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, name="hasp-ops-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Blocks until the thread ends."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def _handler_class(
+    registry: CollectorRegistry, readiness: Callable[[], Readiness]
+) -> type[BaseHTTPRequestHandler]:
+    class OpsHandler(BaseHTTPRequestHandler):
+        server_version = "hasp-authz"
+
+        def do_GET(self) -> None:  # noqa: N802 - the name is fixed by http.server
+            path = self.path.partition("?")[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._send_text(200, "ok")
+            elif path == "/readyz":
+                result = readiness()
+                if result.ready:
+                    self._send_text(200, "ready")
+                else:
+                    self._send_text(503, f"not ready: {result.reason}")
+            else:
+                self._send_text(404, "not found; try /metrics, /healthz or /readyz")
+
+        def _send_text(self, status: int, text: str) -> None:
+            self._send(status, f"{text}\n".encode(), "text/plain; charset=utf-8")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            # Scrapes and probes arrive every few seconds; log them at debug only.
+            log.debug("ops http %s %s", self.address_string(), format % args)
+
+    return OpsHandler
