@@ -3,7 +3,7 @@
 Nothing here touches gRPC or Redis, so every rule is unit-tested with tables of
 cases. The checks run in this order and the first that fails decides:
 
-1. a single, well-formed bearer key that the copy knows, not expired (401)
+1. a single, well-formed bearer key that the copy contains, not expired (401)
 2. the key's organization has an active BAA (402)
 3. a route matches the path (404)
 4. the route allows the method (405)
@@ -25,7 +25,7 @@ from hasp_authz.tokens import token_from_authorization
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What the Authorization headers contained. Holds the token, so never logged."""
+    """Credentials from the Authorization headers. Contains the token, never log it."""
 
     token: str | None
     # True when some Authorization value was sent, even a malformed one, which
@@ -89,8 +89,9 @@ def decide(
 ) -> Decision:
     """Apply the decision steps to a key already looked up (or None if unknown).
 
-    ``org`` is the record of ``key.org_id``; the caller must not pass a missing
-    org for a known key, because that is an incomplete copy (the 503 outcome).
+    ``org`` is the record of ``key.org_id``. A known key with a missing org
+    means the copy is incomplete, which is the 503 outcome, so the caller
+    must not pass one. This function would answer 402.
     """
     if key is None or (key.expires_at is not None and now >= key.expires_at):
         return Decision(Outcome.INVALID_API_KEY, credentials_sent=credentials_sent)

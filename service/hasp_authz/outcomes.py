@@ -22,7 +22,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class DenyKind:
-    """How one deny outcome looks to the client."""
+    """Status, type, retryable flag and message that one deny outcome sends."""
 
     status: int
     type: str
