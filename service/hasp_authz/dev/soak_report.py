@@ -43,12 +43,22 @@ rewrites this page.
   come goes out at once even when earlier ones were late, which keeps the
   offered rate near the target while replies slow down. Latency is measured
   from the actual send.
-- At the midpoint Redis is restarted empty. hasp-authz answers 503 until the
+- At the midpoint Redis is restarted empty. hasp-authz denies with 503 until the
   watcher has noticed the missing completeness marker and reloaded the copy.
 - hasp-authz's resident memory (VmRSS) is read at the start of the paced run,
   just before the restart and at the end. The machine's load average is
   sampled too, because other work on the same cores slows every process of
   the stack and shows as latency and as `ext_authz_error` replies.
+"""
+
+
+_ENVOY_OUTCOMES_INTRO = """\
+`ext_authz_denied` is hasp-authz's own deny. `ext_authz_error` is Envoy's
+reply when hasp-authz did not respond within 0.5 s or could not be reached,
+with the same JSON body. Status 0 means that the client closed the connection
+first, as wrk does with requests in flight when its run ends. Replies that
+began from 1 s before the Redis restart to {window:g} s after it count as near
+the restart. The closed-loop capacity run is left out.
 """
 
 
@@ -141,14 +151,7 @@ def _envoy_outcomes(result: SoakResult) -> list[str]:
     lines = [
         "## Non-200 replies in Envoy's access log",
         "",
-        "`ext_authz_denied` is hasp-authz's own deny. `ext_authz_error` is",
-        "Envoy's reply when hasp-authz did not respond within 0.5 s or could not",
-        "be reached, with the same JSON body. Status 0 means that the client",
-        "closed the connection first, as wrk does with requests in flight when",
-        "its run ends. Replies that began from 1 s before the Redis restart to",
-        f"{RESTART_WINDOW_SECONDS:g} s after it count as near the restart. The",
-        "closed-loop capacity run is left out.",
-        "",
+        _ENVOY_OUTCOMES_INTRO.format(window=RESTART_WINDOW_SECONDS),
         "| status | response code details | near the restart | elsewhere |",
         "|---|---|---|---|",
     ]

@@ -59,6 +59,7 @@ def load_config(environ: Mapping[str, str] = os.environ) -> BenchConfig:
         sample_keys=int(number("HASP_BENCH_SAMPLE_KEYS", 20_000)),
         open_loop_fractions=open_loop_fractions,
         profile_seconds=number("HASP_BENCH_PROFILE_SECONDS", 5),
+        target_rounds=int(number("HASP_BENCH_TARGET_ROUNDS", 3)),
         hiredis_site=_hiredis_site(environ),
     )
 

@@ -28,6 +28,8 @@ _FRAME_RE = re.compile(r"^(?P<name>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
 # "thread (123): MainThread"
 _THREAD_RE = re.compile(r"^thread \(\d+\):?\s*(?P<name>.*)$")
 PRODUCT_PREFIX = "hasp_authz/"
+# The command-line entry point is below every sample of the main thread.
+ENTRY_PREFIX = "hasp_authz/cli/"
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def summarize(raw_text: str, top: int = 15) -> Profile:
         samples += count
         self_counts[functions[-1]] += count
         for name in set(functions):
-            if PRODUCT_PREFIX in name:
+            if PRODUCT_PREFIX in name and ENTRY_PREFIX not in name:
                 total_counts[name] += count
     return Profile(
         samples=samples,

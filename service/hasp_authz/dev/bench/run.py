@@ -50,6 +50,8 @@ class BenchConfig:
     sample_keys: int
     open_loop_fractions: tuple[float, ...]
     profile_seconds: float
+    # Alternating rounds of (b) and (c) for the targets that compare them.
+    target_rounds: int = 3
     # A folder with the hiredis package, put on the PYTHONPATH of the server
     # in the hiredis case; None skips that case.
     hiredis_site: Path | None = None
@@ -61,6 +63,10 @@ class Results:
     # (case, fraction of the floor's throughput) -> result
     open: dict[tuple[str, float], measure.OpenResult] = field(default_factory=dict)
     direct: dict[str, measure.DirectResult] = field(default_factory=dict)
+    # Case -> one result per alternating round of (b) and (c).
+    paired_closed: dict[str, list[measure.ClosedResult]] = field(default_factory=dict)
+    paired_direct: dict[str, list[measure.DirectResult]] = field(default_factory=dict)
+    paired_open: dict[str, list[measure.OpenResult]] = field(default_factory=dict)
     fill_seconds: float = 0.0
     profile: profile.Profile | None = None
     profile_error: str | None = None
@@ -116,6 +122,7 @@ class CheckPathBench:
     ) -> Iterator[int]:
         """Run the front Envoy for one case and yield its listener port."""
         port = free_port()
+        name = f"front-{port}"
         text = envoy_setup.front_config(
             listen_port=port,
             admin_port=free_port(),
@@ -124,7 +131,7 @@ class CheckPathBench:
             all_headers=all_headers,
         )
         envoy = envoy_setup.start_envoy(
-            text, self.workdir, "front", concurrency=self.config.envoy_concurrency
+            text, self.workdir, name, concurrency=self.config.envoy_concurrency
         )
         try:
             yield port
@@ -195,6 +202,7 @@ class CheckPathBench:
         self.run_ceiling()
         self.run_cached()
         self.run_redis_only()
+        self.run_paired()
         self.run_options()
         self.run_key_scaling()
         self.results.wall_seconds = time.monotonic() - started
@@ -262,6 +270,51 @@ class CheckPathBench:
             with self.front_envoy(group) as port:
                 self.closed(port, "d", group)
                 self.open(port, "d")
+
+    def run_paired(self) -> None:
+        """Measure (b) and (c) in alternating rounds, both running all along.
+
+        Load from other processes on a shared machine comes and goes within
+        minutes, so the targets that compare (c) with (b) use the medians of
+        these rounds rather than the single runs above.
+        """
+        half = max(self.config.open_loop_fractions)
+        rate = half * self.results.closed["b"].wrk.rate
+        floor = start_allow_all(self.workdir)
+        authz = self.hasp_authz("authz-paired")
+        with (
+            self.server(floor),
+            self.server(authz),
+            self.front_envoy(floor) as floor_port,
+            self.front_envoy(authz) as authz_port,
+        ):
+            self.warm(authz)
+            sides = [("b", floor, floor_port), ("c", authz, authz_port)]
+            for round_number in range(self.config.target_rounds):
+                for case, group, port in sides[:: 1 if round_number % 2 else -1]:
+                    self._paired_round(case, group, port, rate)
+
+    def _paired_round(self, case: str, group: ServerGroup, port: int, rate: float):
+        results = self.results
+        closed = measure.closed_loop(
+            port, self.cached, group, self.load, self.workdir, self.redis_commands
+        )
+        direct = measure.direct_grpc(
+            group,
+            self.template,
+            self.cached,
+            self.load,
+            self.workdir,
+            self.redis_commands,
+        )
+        open_ = measure.open_loop(port, self.cached, rate, self.load, self.workdir)
+        results.paired_closed.setdefault(case, []).append(closed)
+        results.paired_direct.setdefault(case, []).append(direct)
+        results.paired_open.setdefault(case, []).append(open_)
+        _progress(
+            f"paired round {case}: {closed.wrk.rate:,.0f} requests/s, "
+            f"{direct.cpu_us:.0f} us CPU per check, open-loop p99 {open_.p99_ms:.2f} ms"
+        )
 
     def run_options(self) -> None:
         """uvloop, a Unix socket, one Redis round trip, hiredis and two workers."""
