@@ -1,7 +1,7 @@
 """Envoy configs for the benchmark, rendered from envoy.yaml, and their processes.
 
 The front Envoy is envoy.yaml as ``render_envoy_config`` renders it, with these
-changes where a case asks for them: the ext_authz filter removed (the proxy's
+changes where a case needs them: the ext_authz filter removed (the proxy's
 ceiling), several endpoints or a Unix socket in the ``hasp_authz`` cluster,
 and no ``allowed_headers`` (Envoy then sends every request header).
 

@@ -32,7 +32,7 @@ import grpc
 from hasp_authz.proto import envoy_service_auth_v3_pb2 as auth_pb2
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
-# A Check that takes longer than this counts as failed, in seconds.
+# Seconds after which a Check counts as failed.
 CHECK_TIMEOUT_SECONDS = 5.0
 
 
@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="Checks in flight")
     parser.add_argument("--warmup", type=int, default=500, help="untimed Checks first")
     parser.add_argument(
-        "--max-seconds", type=float, default=30.0, help="stop the timed part after this"
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="stop the timed part after this many seconds",
     )
     parser.add_argument("--uvloop", action="store_true", help="run the load on uvloop")
     options = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from hasp_authz.tokens import CROCKFORD_ALPHABET, TOKEN_PREFIX, hash_token
 ORG_ID = "bench-org"
 KNOWN = "known"
 UNKNOWN = "unknown"
-# Key/value pairs per MSET command; the commands go out in pipelines of
+# Key/value pairs per MSET command. The commands go out in pipelines of
 # PIPELINE_COMMANDS each.
 MSET_PAIRS = 1000
 PIPELINE_COMMANDS = 20

@@ -4,7 +4,7 @@ Request ``i`` is due at ``start + i / rate``. When it is due, the generator
 takes an idle keep-alive connection, or opens a new one when none is idle (up
 to ``--max-connections``), or else waits for one. A slow server therefore
 delays only the requests that wait, never the schedule. Closed-loop tools (wrk) send
-the next request on a connection only after the reply, so a slow server sees
+the next request on a connection only after the reply, so a slow server receives
 fewer requests and its worst latencies go unmeasured.
 
 Latency runs from the moment the generator dispatched a request to its

@@ -87,7 +87,7 @@ def start_hasp_authz(
 ) -> ServerGroup:
     """Start ``workers`` hasp-authz processes, each with its own address.
 
-    Plain runs use the ``hasp-authz serve`` entry point; the options run
+    Plain runs use the ``hasp-authz serve`` entry point. The options run
     variant.py, which wraps the same server.
     """
     group = ServerGroup(name, [])
@@ -143,7 +143,9 @@ def _wait_for_unix_socket(process: ManagedProcess, path: str, timeout: float = 2
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.running:
-            raise ProcessFailed(f"{process.name} exited; see {process.log_path}")
+            raise ProcessFailed(
+                f"{process.name} exited during start-up; see {process.log_path}"
+            )
         try:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(path)
