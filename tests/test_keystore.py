@@ -804,11 +804,18 @@ def test_docs_examples_run(store: KeyStore, raw_db: RawDatabase, keystore_backen
 
 def test_wait_for_changes_times_out(store: KeyStore, keystore_backend: str):
     store.wait_for_changes(0.1)  # PostgreSQL starts listening on the first call.
-    started = time.monotonic()
-    store.wait_for_changes(0.5)
-    elapsed = time.monotonic() - started
     expected = POLL_INTERVAL if keystore_backend == "sqlite" else 0.5
-    assert expected - 0.05 <= elapsed < expected + 0.5
+    # NOTE: the notification channel is database-wide, so another test run on
+    # the same database can wake a wait early. One of three waits must time out.
+    waits = []
+    for _ in range(3):
+        started = time.monotonic()
+        store.wait_for_changes(0.5)
+        waits.append(time.monotonic() - started)
+        if waits[-1] >= expected - 0.05:
+            break
+    assert max(waits) >= expected - 0.05
+    assert max(waits) < expected + 0.5
 
 
 @sqlite_only

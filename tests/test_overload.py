@@ -88,8 +88,9 @@ def test_check_fails_fast_when_overloaded(
     for response, _ in results:
         assert_auth_unavailable(response)
     # Queued for LIMIT slots, the last Check would wait BURST / LIMIT Redis
-    # timeouts (5 s); denied at once, the burst ends after about one.
-    assert max(seconds for _, seconds in results) < 1.0
+    # timeouts (5 s); denied at once, the burst ends after about one. The bound
+    # leaves room for a loaded CI machine and still tells the two apart.
+    assert max(seconds for _, seconds in results) < 2.5
     log = server.log()
     denied = log.count(OVERLOAD_DEBUG_LOG)
     reached_redis = log.count("key copy unavailable")
