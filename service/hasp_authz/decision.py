@@ -7,7 +7,7 @@ cases. The checks run in this order and the first that fails decides:
 2. the key's organization has an active BAA (402)
 3. a route matches the path (404)
 4. the route allows the method (405)
-5. the key holds the route's scope (403)
+5. the key has the route's scope (403)
 
 A dependency failure (Redis down, the copy incomplete) is the 503 outcome, and
 the servicer produces it for any exception, so every fault fails closed.
@@ -91,7 +91,7 @@ def decide(
 
     ``org`` is the record of ``key.org_id``. A known key with a missing org
     means the copy is incomplete, which is the 503 outcome, so the caller
-    must not pass one. This function would answer 402.
+    must not pass one. This function would return 402.
     """
     if key is None or (key.expires_at is not None and now >= key.expires_at):
         return Decision(Outcome.INVALID_API_KEY, credentials_sent=credentials_sent)

@@ -7,7 +7,7 @@ through this module, so the layout is defined once:
   is active. A revoked key's record is deleted.
 - ``{prefix}org:{org id}``: an org record (JSON) with its BAA status.
 - ``{prefix}complete``: the marker the sync writes after a full load. Without it
-  the copy may be partial, so the server answers 503 instead of 401.
+  the copy may be partial, so the server returns 503 instead of 401.
 - ``{prefix}changes``: the pub/sub channel that carries one change message per
   create, revoke or BAA change.
 - ``{prefix}last_used``: a sorted set of key id to the latest time (epoch
@@ -25,7 +25,7 @@ DEFAULT_PREFIX = "hasp:"
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """An active API key as the Check path sees it. Holds no token and no hash."""
+    """An active API key as the Check path reads it. Contains no token and no hash."""
 
     key_id: str
     org_id: str
@@ -113,17 +113,17 @@ class RedisLayout:
 
 
 def key_changed_message(key_hash: str) -> str:
-    """Build the change message that tells servers to drop one key's entry."""
+    """Build the change message that makes servers drop one key's entry."""
     return json.dumps({"kind": "key", "hash": key_hash}, separators=(",", ":"))
 
 
 def org_changed_message(org_id: str) -> str:
-    """Build the change message that tells servers to drop one org's entry."""
+    """Build the change message that makes servers drop one org's entry."""
     return json.dumps({"kind": "org", "org_id": org_id}, separators=(",", ":"))
 
 
 def flush_message() -> str:
-    """Build the change message that tells servers to drop every cached entry.
+    """Build the change message that makes servers drop every cached entry.
 
     The sync sends it after a full load, because a rebuild may change any record.
     """

@@ -52,7 +52,7 @@ MAX_ATTEMPTS = 2
 
 
 class CopyUnavailable(Exception):
-    """The Redis copy cannot answer right now. The message is for logs only."""
+    """The Redis copy cannot respond right now. The message is for logs only."""
 
 
 class RedisUnavailable(CopyUnavailable):

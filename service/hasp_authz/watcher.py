@@ -11,9 +11,9 @@ empty or was flushed) it reloads everything, and a periodic full sync removes
 records for keys that are gone from the store. Last-used times that the servers
 collect in Redis are copied into the store.
 
-Staleness bounds while Redis and the store are up: a change is in Redis one
-poll interval (SQLite) or one round trip (PostgreSQL) after its commit; a lost
-copy is rebuilt within ``marker_check_seconds`` plus the time of a full load.
+Staleness bounds while Redis and the store are up: a change reaches Redis one
+poll interval (SQLite) or one round trip (PostgreSQL) after its commit. A lost
+copy is rebuilt within ``marker_check`` seconds plus the time of a full load.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 class WatchIntervals:
     """How often the watcher does each job, in seconds."""
 
-    # Longest wait for a change notification before polling the log anyway.
+    # Maximum wait for a change notification before polling the log anyway.
     wait: float = 0.2
     marker_check: float = 1.0
     full_sync: float = 300.0

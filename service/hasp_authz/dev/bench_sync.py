@@ -91,7 +91,9 @@ def measure_sync(store_path: Path, workdir: Path, count: int) -> SyncMeasurement
         finally:
             client.close()
     if synced < count:
-        raise RuntimeError(f"Redis holds {synced} records after syncing {count} keys")
+        raise RuntimeError(
+            f"Redis contains only {synced} records after syncing {count} keys"
+        )
     # Linux reports ru_maxrss in KiB.
     return SyncMeasurement(count, seconds, usage.ru_maxrss / 1024, used / 2**20)
 

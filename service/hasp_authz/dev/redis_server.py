@@ -58,7 +58,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it replies to PING."""
         command = [
             find_redis_server(),
             "--bind", "127.0.0.1",
@@ -91,7 +91,7 @@ class RedisServer:
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(
-                            f"redis-server on port {self.port} did not answer "
+                            f"redis-server on port {self.port} did not respond to "
                             f"PING within {timeout} s"
                         ) from None
                     time.sleep(0.05)
