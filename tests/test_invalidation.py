@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 
 from hasp_authz.cache import RecordCache
 from hasp_authz.dev.redis_server import RedisServer, free_port
-from hasp_authz.invalidation import ChangeSubscriber
+from hasp_authz.invalidation import Change, ChangeSubscriber, apply_change_message
+from hasp_authz.metrics import Metrics
 from hasp_authz.records import (
     KeyRecord,
     OrgRecord,
@@ -267,6 +268,207 @@ def test_subscriber_detects_silent_redis(tmp_path, layout):
         asyncio.run(main())
     finally:
         redis_server.stop()
+
+
+def test_subscriber_reports_publish_times(redis_url, layout, redis_client):
+    redis_client.set(layout.complete_marker, "{}")
+    reported: list[float | None] = []
+    sent_at = time.time()
+
+    async def main() -> None:
+        subscriber, task = await running_subscriber(
+            redis_url, layout, on_change=reported.append
+        )
+        cache = subscriber.cache
+        publisher = aioredis.Redis.from_url(redis_url)
+        channel = layout.changes_channel
+        try:
+            await publisher.publish(channel, key_changed_message("hash_a", at=sent_at))
+            await publisher.publish(channel, org_changed_message("org_b"))
+            await publisher.publish(channel, "not json")
+            await publisher.publish(channel, flush_message(at=sent_at + 1.0))
+            assert await eventually(lambda: len(reported) == 3, 1.0)
+
+            # Client tracking reports the marker change. That clears the cache
+            # but is no change message, so on_change is not called.
+            cache.put("hash_c", sample_result("c"), cache.generation)
+            await publisher.set(layout.complete_marker, '{"keys": 1}')
+            assert await eventually(lambda: len(cache.keys) == 0, 1.0)
+        finally:
+            await publisher.aclose()
+            await stop_subscriber(subscriber, task)
+
+    asyncio.run(main())
+
+    assert reported == [
+        pytest.approx(sent_at, abs=1e-6),
+        None,
+        pytest.approx(sent_at + 1.0, abs=1e-6),
+    ]
+
+
+def test_subscriber_feeds_change_lag_metric(redis_url, layout):
+    metrics = Metrics()
+
+    async def main() -> None:
+        subscriber, task = await running_subscriber(
+            redis_url, layout, on_change=metrics.observe_change
+        )
+        publisher = aioredis.Redis.from_url(redis_url)
+        try:
+            message = key_changed_message("hash_a", at=time.time())
+            await publisher.publish(layout.changes_channel, message)
+            assert await eventually(lambda: metrics.newest_change_at is not None, 1.0)
+        finally:
+            await publisher.aclose()
+            await stop_subscriber(subscriber, task)
+
+    asyncio.run(main())
+
+    registry = metrics.registry
+    assert registry.get_sample_value("hasp_authz_change_lag_seconds_count") == 1
+    lag = registry.get_sample_value("hasp_authz_change_lag_seconds_sum")
+    assert 0 <= lag < FRESHNESS_SECONDS
+
+
+def test_subscriber_survives_failing_on_change(redis_url, layout, caplog):
+    def fail(published_at: float | None) -> None:
+        raise RuntimeError("metrics broke")
+
+    async def main() -> None:
+        subscriber, task = await running_subscriber(redis_url, layout, on_change=fail)
+        cache = subscriber.cache
+        publisher = aioredis.Redis.from_url(redis_url)
+        try:
+            for suffix in ("a", "b"):
+                cache.put(f"hash_{suffix}", sample_result(suffix), cache.generation)
+            await publisher.publish(
+                layout.changes_channel, key_changed_message("hash_a")
+            )
+            assert await eventually(lambda: "hash_a" not in cache.keys, 1.0)
+            await publisher.publish(
+                layout.changes_channel, key_changed_message("hash_b")
+            )
+            assert await eventually(lambda: "hash_b" not in cache.keys, 1.0)
+            assert cache.active
+            assert subscriber.failures == 0
+        finally:
+            await publisher.aclose()
+            await stop_subscriber(subscriber, task)
+
+    with caplog.at_level(logging.WARNING, logger="hasp_authz.invalidation"):
+        asyncio.run(main())
+
+    assert caplog.text.count("on_change callback failed") == 2
+    assert LOST_LOG not in caplog.text
+
+
+# --- apply_change_message without Redis ---
+
+
+def cache_with_two_keys() -> RecordCache:
+    cache = RecordCache(100, 3600, 3600)
+    # A new cache stays bypassed until resumed, as the subscriber does on subscribing.
+    cache.resume()
+    for suffix in ("a", "b"):
+        assert cache.put(f"hash_{suffix}", sample_result(suffix), cache.generation)
+    return cache
+
+
+def test_apply_returns_publish_time():
+    cache = cache_with_two_keys()
+
+    change = apply_change_message(
+        cache, key_changed_message("hash_a", at=1718000000.25)
+    )
+
+    assert change == Change("key", "hash_a", 1718000000.25)
+    assert "hash_a" not in cache.keys
+    assert "hash_b" in cache.keys
+
+
+def test_apply_without_publish_time():
+    cache = cache_with_two_keys()
+
+    change = apply_change_message(cache, key_changed_message("hash_a").encode())
+
+    assert change == Change("key", "hash_a", None)
+    assert "hash_a" not in cache.keys
+    assert "hash_b" in cache.keys
+
+
+def test_apply_null_publish_time_silently(caplog):
+    cache = cache_with_two_keys()
+
+    with caplog.at_level(logging.WARNING, logger="hasp_authz.invalidation"):
+        change = apply_change_message(cache, '{"kind":"key","hash":"hash_a","at":null}')
+
+    assert change == Change("key", "hash_a", None)
+    assert "hash_a" not in cache.keys
+    assert caplog.text == ""
+
+
+def test_apply_integer_publish_time():
+    change = apply_change_message(
+        cache_with_two_keys(), '{"kind":"org","org_id":"org_a","at":1718000000}'
+    )
+
+    assert change == Change("org", "org_a", 1718000000.0)
+    assert isinstance(change.published_at, float)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        pytest.param('"x"', id="string"),
+        pytest.param('"1718000000"', id="numeric-string"),
+        pytest.param("NaN", id="nan"),
+        pytest.param("Infinity", id="infinity"),
+        pytest.param("-Infinity", id="minus-infinity"),
+        pytest.param("1e400", id="float-overflow"),
+        pytest.param("1" + "0" * 400, id="integer-overflow"),
+        pytest.param("[1718000000]", id="list"),
+        pytest.param("{}", id="object"),
+        pytest.param("true", id="boolean"),
+    ],
+)
+def test_apply_ignores_invalid_publish_time(at, caplog):
+    cache = cache_with_two_keys()
+    raw = '{"kind":"key","hash":"hash_a","at":' + at + "}"
+
+    with caplog.at_level(logging.WARNING, logger="hasp_authz.invalidation"):
+        change = apply_change_message(cache, raw)
+
+    assert change == Change("key", "hash_a", None)
+    assert "hash_a" not in cache.keys
+    # Applied as a key change, not as an invalid message that clears everything.
+    assert "hash_b" in cache.keys
+    assert "ignoring invalid publish time" in caplog.text
+    assert "invalid change message" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"kind":"org","org_id":"org_a","at":"x"}', Change("org", "org_a", None)),
+        ('{"kind":"all","at":[1]}', Change("all", None, None)),
+    ],
+    ids=["org", "all"],
+)
+def test_apply_invalid_publish_time_other_kinds(raw, expected):
+    cache = cache_with_two_keys()
+
+    change = apply_change_message(cache, raw)
+
+    assert change == expected
+    assert "org_a" not in cache.orgs
+
+
+def test_apply_invalid_message_returns_none():
+    cache = cache_with_two_keys()
+
+    assert apply_change_message(cache, b'{"kind":"rename","at":1718000000}') is None
+    assert len(cache.keys) == 0
 
 
 # --- three hasp-authz processes ---

@@ -21,15 +21,9 @@ from conftest import RawDatabase
 from hasp_authz.dev.redis_server import free_port
 from hasp_authz.keystore import open_keystore
 from hasp_authz.keystore.sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
-from hasp_authz.records import (
-    KeyRecord,
-    OrgRecord,
-    RedisLayout,
-    flush_message,
-    key_changed_message,
-    org_changed_message,
-)
+from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout
 from hasp_authz.tokens import hash_token, is_well_formed
+from test_publisher import assert_change_message
 
 HASP_KEYS = str(Path(sys.executable).parent / "hasp-keys")
 
@@ -89,6 +83,13 @@ def messages(pubsub, expected: int = 1) -> list[str]:
     return received
 
 
+def only_message(pubsub) -> str:
+    """Return the one change message that arrives, and fail on none or several."""
+    received = messages(pubsub)
+    assert len(received) == 1, f"expected 1 change message, got {len(received)}"
+    return received[0]
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.stderr == ""
     assert result.returncode == 0
@@ -137,7 +138,7 @@ def test_orgs_baa(
     assert ok(run("orgs", "baa", "acme", state)) == stdout
     record = OrgRecord.from_json(redis_client.get(layout.org("acme")))
     assert record.baa_active is baa_active
-    assert messages(subscriber) == [org_changed_message("acme")]
+    assert_change_message(only_message(subscriber), {"kind": "org", "org_id": "acme"})
 
 
 def test_orgs_list_json(run: Run, token: str):
@@ -174,9 +175,11 @@ def test_create_json(run: Run, raw_db: RawDatabase):
 
 def test_create_publishes_change(run: Run, subscriber):
     ok(run("orgs", "create", "acme"))
-    assert messages(subscriber) == [org_changed_message("acme")]
+    assert_change_message(only_message(subscriber), {"kind": "org", "org_id": "acme"})
     token = ok(run("create", "--org", "acme", "--name", "ci", "--scope", "ai:chat"))
-    assert messages(subscriber) == [key_changed_message(hash_token(token[:-1]))]
+    assert_change_message(
+        only_message(subscriber), {"kind": "key", "hash": hash_token(token[:-1])}
+    )
 
 
 def test_db_holds_only_hash(run: Run, token: str, raw_db: RawDatabase):
@@ -198,7 +201,9 @@ def test_revoke(run, token, raw_db, redis_client, layout, subscriber):
     stdout = ok(run("revoke", key_id))
     assert stdout == f"revoked {key_id} (org acme, name 'ci')\n"
     assert redis_client.exists(layout.key(hash_token(token))) == 0
-    assert messages(subscriber) == [key_changed_message(hash_token(token))]
+    assert_change_message(
+        only_message(subscriber), {"kind": "key", "hash": hash_token(token)}
+    )
 
 
 def test_revoke_twice(run: Run, token: str, raw_db: RawDatabase):
@@ -247,7 +252,7 @@ def test_sync(run: Run, token: str, redis_client, layout, subscriber):
     assert stdout.endswith("keys 1, orgs 1, stale records removed 1\n")
     assert redis_client.exists(layout.key("0" * 64)) == 0
     assert json.loads(redis_client.get(layout.complete_marker))["keys"] == 1
-    assert messages(subscriber) == [flush_message()]
+    assert_change_message(only_message(subscriber), {"kind": "all"})
 
 
 @sqlite_only

@@ -1,9 +1,12 @@
-"""The Redis publisher and full sync, against a real Redis and SQLite file."""
+"""The Redis publisher, full sync and the watcher's org removal, against a real
+Redis and SQLite file."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+from contextlib import closing
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,15 +26,14 @@ from hasp_authz.publisher import (
     full_sync,
     redis_address,
 )
-from hasp_authz.records import (
-    KeyRecord,
-    OrgRecord,
-    RedisLayout,
-    flush_message,
-    key_changed_message,
-    org_changed_message,
-)
+from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout
 from hasp_authz.tokens import generate_token, hash_token
+from hasp_authz.watcher import SyncWatcher
+
+# Maximum difference in seconds between a message's publish time and the
+# test's clock. Generous, because only a wrong clock or a missing ``at`` should
+# fail it, not a slow machine.
+PUBLISH_TIME_TOLERANCE = 5.0
 
 
 @pytest.fixture
@@ -67,6 +69,16 @@ def next_message(pubsub) -> str | None:
     return None
 
 
+def assert_change_message(raw: str | None, expected: dict[str, str]) -> None:
+    """Check a published change message's fields, and that ``at`` is about now."""
+    assert raw is not None, "no change message within 2 s"
+    message = json.loads(raw)
+    published_at = message.pop("at", None)
+    assert message == expected
+    assert isinstance(published_at, float), f"at is {published_at!r}"
+    assert published_at == pytest.approx(time.time(), abs=PUBLISH_TIME_TOLERANCE)
+
+
 def add_key(store: SqliteKeyStore, org_id: str = "acme", name: str = "ci") -> ApiKey:
     key_hash = hash_token(generate_token())
     return store.create_key(org_id, name, key_hash, ["ai:chat", "control:read"])
@@ -86,7 +98,9 @@ def test_publish_key_writes_record(store, publisher, redis_client, layout):
 def test_publish_key_sends_message(store, publisher, subscriber):
     key = add_key(store)
     publisher.publish_key(key)
-    assert next_message(subscriber) == key_changed_message(key.key_hash)
+    assert_change_message(
+        next_message(subscriber), {"kind": "key", "hash": key.key_hash}
+    )
 
 
 def test_publish_key_expiry_as_epoch(store, publisher, redis_client, layout):
@@ -108,9 +122,13 @@ def test_publish_key_revoked_deletes(store, publisher, redis_client, layout):
 def test_remove_key_sends_message(store, publisher, subscriber, redis_client, layout):
     key = add_key(store)
     publisher.publish_key(key)
-    assert next_message(subscriber) == key_changed_message(key.key_hash)
+    assert_change_message(
+        next_message(subscriber), {"kind": "key", "hash": key.key_hash}
+    )
     publisher.remove_key(key.key_hash)
-    assert next_message(subscriber) == key_changed_message(key.key_hash)
+    assert_change_message(
+        next_message(subscriber), {"kind": "key", "hash": key.key_hash}
+    )
     assert redis_client.exists(layout.key(key.key_hash)) == 0
 
 
@@ -120,7 +138,7 @@ def test_publish_org(store, publisher, subscriber, redis_client, layout):
     assert OrgRecord.from_json(redis_client.get(layout.org("acme"))) == OrgRecord(
         "acme", False
     )
-    assert next_message(subscriber) == org_changed_message("acme")
+    assert_change_message(next_message(subscriber), {"kind": "org", "org_id": "acme"})
 
 
 def test_full_sync_writes_active(store, redis_client, layout):
@@ -171,7 +189,26 @@ def test_full_sync_sets_marker(store, redis_client, layout):
 
 def test_full_sync_publishes_flush(store, redis_client, layout, subscriber):
     full_sync(store, redis_client, layout)
-    assert next_message(subscriber) == flush_message()
+    assert_change_message(next_message(subscriber), {"kind": "all"})
+
+
+def test_watcher_org_removal_sends_message(
+    store, tmp_path, redis_client, layout, subscriber
+):
+    store.create_org("beta")
+    watcher = SyncWatcher(store, redis_client, layout)
+    watcher.full_sync("test")
+    assert_change_message(next_message(subscriber), {"kind": "all"})
+    assert redis_client.exists(layout.org("beta")) == 1
+
+    # The row is deleted by plain SQL, so only the change log reports it.
+    with closing(sqlite3.connect(tmp_path / "keystore.db")) as connection:
+        connection.execute("DELETE FROM orgs WHERE id = 'beta'")
+        connection.commit()
+    assert watcher.apply_changes() == 1
+
+    assert redis_client.exists(layout.org("beta")) == 0
+    assert_change_message(next_message(subscriber), {"kind": "org", "org_id": "beta"})
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 500])

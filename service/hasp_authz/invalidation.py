@@ -9,6 +9,14 @@ records.py), and ``ChangeSubscriber`` applies each to the RecordCache:
 - ``{"kind": "all"}`` (sent after a full sync) clears everything;
 - anything else clears everything and logs a warning.
 
+Each message may also carry ``"at"``, its publish time in epoch seconds. After
+applying a message the subscriber passes that time, or None, to its
+``on_change`` callback, which the server uses to measure the lag from publish
+to invalidation. ``at`` is optional because older publishers leave it out, and
+null counts as missing. Any other ``at`` that is not a finite number is ignored
+with a warning, and the message is applied as if it had none, because a message
+must never fail to invalidate because of its timestamp.
+
 A direct change of the completeness marker (deleted by hand, FLUSHDB, a new
 sync) publishes nothing, so the same connection also enables Redis client-side
 caching invalidations for the marker key (CLIENT TRACKING ... BCAST PREFIX,
@@ -31,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import redis.asyncio as redis
@@ -58,17 +68,25 @@ CONNECTION_TIMEOUT_SECONDS = 1.0
 
 
 class Change(NamedTuple):
-    """A parsed change message. ``subject`` is a key hash, an org id or None."""
+    """A parsed change message.
+
+    ``subject`` is a key hash, an org id or None. ``published_at`` is the
+    message's ``at`` in epoch seconds, or None when it is missing or invalid.
+    """
 
     kind: str
     subject: str | None
+    published_at: float | None = None
 
 
 _SUBJECT_FIELDS = {"key": "hash", "org": "org_id"}
 
 
 def parse_change(raw: bytes | str) -> Change:
-    """Parse one change message. Raises ValueError when it is not a known kind."""
+    """Parse one change message. Raises ValueError when it is not a known kind.
+
+    An invalid ``at`` never raises. It is logged and gives ``published_at=None``.
+    """
     try:
         data = json.loads(raw)
     except ValueError as error:
@@ -77,18 +95,48 @@ def parse_change(raw: bytes | str) -> Change:
         raise ValueError("not a JSON object")
     kind = data.get("kind")
     if kind == "all":
-        return Change("all", None)
+        return Change("all", None, _published_at(data, kind))
     if not isinstance(kind, str) or kind not in _SUBJECT_FIELDS:
         raise ValueError(f"unknown kind {kind!r:.40}")
     field = _SUBJECT_FIELDS[kind]
     subject = data.get(field)
     if not isinstance(subject, str) or not subject:
         raise ValueError(f"{kind} message without a string {field!r}")
-    return Change(kind, subject)
+    return Change(kind, subject, _published_at(data, kind))
 
 
-def apply_change_message(cache: RecordCache, raw: bytes | str) -> None:
-    """Drop the cache entries that one change message names."""
+def _published_at(data: dict, kind: str) -> float | None:
+    """Return the message's ``at`` as finite epoch seconds, or None."""
+    at = data.get("at")
+    if at is None:
+        return None
+    # json.loads returns true and false as bool, an int subclass, so they are
+    # excluded by name. It returns NaN, Infinity and numbers beyond the float
+    # range as non-finite floats.
+    # NOTE: an integer of more than 4300 digits (Python's default int limit)
+    # fails json.loads, so such a message is invalid and clears the whole cache.
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        try:
+            seconds = float(at)
+        except OverflowError:
+            seconds = math.inf
+        if math.isfinite(seconds):
+            return seconds
+    log.warning(
+        "ignoring invalid publish time at=%.40r in a %s change message; "
+        "applying the change without it",
+        at,
+        kind,
+    )
+    return None
+
+
+def apply_change_message(cache: RecordCache, raw: bytes | str) -> Change | None:
+    """Drop the cache entries that one change message names.
+
+    Returns the parsed change, or None for an invalid message, which clears the
+    whole cache instead.
+    """
     try:
         change = parse_change(raw)
     except ValueError as error:
@@ -99,7 +147,7 @@ def apply_change_message(cache: RecordCache, raw: bytes | str) -> None:
             error,
         )
         cache.clear()
-        return
+        return None
     if change.kind == "key":
         cache.drop_key(change.subject)
     elif change.kind == "org":
@@ -107,10 +155,15 @@ def apply_change_message(cache: RecordCache, raw: bytes | str) -> None:
     else:
         cache.clear()
     log.debug("applied change message kind=%s", change.kind)
+    return change
 
 
 class ChangeSubscriber:
-    """Subscribes to the change channel on its own connection and feeds a cache."""
+    """Subscribes to the change channel on its own connection and feeds a cache.
+
+    ``on_change``, when given, is called with ``Change.published_at`` after each
+    applied change message, but not for invalid messages or marker invalidations.
+    """
 
     def __init__(
         self,
@@ -120,6 +173,7 @@ class ChangeSubscriber:
         *,
         backoff: ExponentialBackoff | None = None,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
+        on_change: Callable[[float | None], None] | None = None,
     ):
         # NOTE: RESP2 on purpose. Under RESP3 (redis-py's default) Redis sends
         # tracking invalidations as push replies, which PubSub does not return.
@@ -135,6 +189,7 @@ class ChangeSubscriber:
         self.cache = cache
         self.backoff = backoff or ExponentialBackoff(cap=2.0, base=0.1)
         self.keepalive_seconds = keepalive_seconds
+        self.on_change = on_change
         self.failures = 0
         # True from a logged loss until the next subscription, so that a loss and
         # its recovery are each logged once, not once per retry.
@@ -202,9 +257,21 @@ class ChangeSubscriber:
             log.debug("completeness marker changed; clearing the in-process cache")
             self.cache.clear()
         elif kind == "message":
-            apply_change_message(self.cache, message["data"])
+            change = apply_change_message(self.cache, message["data"])
+            if change is not None:
+                self._report_change(change)
         elif kind == "unsubscribe":
             raise ConnectionError(f"Redis unsubscribed this connection from {channel}")
+
+    def _report_change(self, change: Change) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(change.published_at)
+        except Exception:
+            # The change is already applied, so a failing callback (a metrics
+            # bug) must not take the subscription and the cache down with it.
+            log.exception("on_change callback failed for a %s change", change.kind)
 
     def _on_subscribed(self) -> None:
         self.cache.resume()

@@ -3,7 +3,9 @@
 ``Publisher`` updates one record and publishes the matching change message, for
 ``hasp-keys create``, ``revoke`` and BAA changes. ``full_sync`` rebuilds the whole
 copy from the store, deletes records the store no longer has, and then sets the
-complete marker. The record layout and the messages come from ``records``.
+complete marker. The record layout and the messages come from ``records``. Each
+message carries its publish time (``time.time()`` just before the Redis
+transaction), so servers can measure how long a change took to reach them.
 
 Redis errors become PublishError, whose message names the server as host:port and
 never contains the password from the URL.
@@ -112,21 +114,30 @@ class Publisher:
         with redis_errors(self.client):
             pipe = self.client.pipeline(transaction=True)
             pipe.set(self.layout.key(key.key_hash), key_record(key).to_json())
-            pipe.publish(self.layout.changes_channel, key_changed_message(key.key_hash))
+            pipe.publish(
+                self.layout.changes_channel,
+                key_changed_message(key.key_hash, at=time.time()),
+            )
             pipe.execute()
 
     def remove_key(self, key_hash: str) -> None:
         with redis_errors(self.client):
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.layout.key(key_hash))
-            pipe.publish(self.layout.changes_channel, key_changed_message(key_hash))
+            pipe.publish(
+                self.layout.changes_channel,
+                key_changed_message(key_hash, at=time.time()),
+            )
             pipe.execute()
 
     def publish_org(self, org: Org) -> None:
         with redis_errors(self.client):
             pipe = self.client.pipeline(transaction=True)
             pipe.set(self.layout.org(org.org_id), org_record(org).to_json())
-            pipe.publish(self.layout.changes_channel, org_changed_message(org.org_id))
+            pipe.publish(
+                self.layout.changes_channel,
+                org_changed_message(org.org_id, at=time.time()),
+            )
             pipe.execute()
 
 
@@ -249,7 +260,7 @@ def _mark_complete(
     )
     pipe = client.pipeline(transaction=True)
     pipe.set(layout.complete_marker, marker)
-    pipe.publish(layout.changes_channel, flush_message())
+    pipe.publish(layout.changes_channel, flush_message(at=time.time()))
     pipe.execute()
 
 

@@ -9,7 +9,10 @@ through this module, so the layout is defined once:
 - ``{prefix}complete``: the marker the sync writes after a full load. Without it
   the copy may be partial, so the server returns 503 instead of 401.
 - ``{prefix}changes``: the pub/sub channel that carries one change message per
-  create, revoke or BAA change.
+  create, revoke or BAA change, and one after each full load. A message is a
+  JSON object such as ``{"kind":"key","hash":H,"at":1718000000.123456}``, where
+  ``at`` is the publish time in epoch seconds. Older publishers leave ``at``
+  out, and servers accept messages without it.
 - ``{prefix}last_used``: a sorted set of key id to the latest time (epoch
   seconds) any server saw the key used. The sync copies it into the store.
 """
@@ -112,19 +115,40 @@ class RedisLayout:
         return f"{self.prefix}last_used"
 
 
-def key_changed_message(key_hash: str) -> str:
-    """Build the change message that makes servers drop one key's entry."""
-    return json.dumps({"kind": "key", "hash": key_hash}, separators=(",", ":"))
+def key_changed_message(key_hash: str, *, at: float | None = None) -> str:
+    """Build the change message that makes servers drop one key's entry.
+
+    ``at`` is the publish time in epoch seconds, left out of the message when None.
+    """
+    return _change_message({"kind": "key", "hash": key_hash}, at)
 
 
-def org_changed_message(org_id: str) -> str:
-    """Build the change message that makes servers drop one org's entry."""
-    return json.dumps({"kind": "org", "org_id": org_id}, separators=(",", ":"))
+def org_changed_message(org_id: str, *, at: float | None = None) -> str:
+    """Build the change message that makes servers drop one org's entry.
+
+    ``at`` is the publish time in epoch seconds, left out of the message when None.
+    """
+    return _change_message({"kind": "org", "org_id": org_id}, at)
 
 
-def flush_message() -> str:
+def flush_message(*, at: float | None = None) -> str:
     """Build the change message that makes servers drop every cached entry.
 
     The sync sends it after a full load, because a rebuild may change any record.
+    ``at`` is the publish time in epoch seconds, left out of the message when None.
     """
-    return json.dumps({"kind": "all"}, separators=(",", ":"))
+    return _change_message({"kind": "all"}, at)
+
+
+def _change_message(fields: dict[str, str], at: float | None) -> str:
+    """Serialize a change message, adding ``at`` rounded to microseconds.
+
+    Raises ValueError for an ``at`` that is not finite, because JSON has no NaN
+    or infinity.
+    """
+    message: dict[str, str | float] = dict(fields)
+    if at is not None:
+        if not math.isfinite(at):
+            raise ValueError(f"publish time must be finite epoch seconds, got {at!r}")
+        message["at"] = round(at, 6)
+    return json.dumps(message, separators=(",", ":"))

@@ -160,7 +160,9 @@ class SyncWatcher:
     def _remove_org(self, org_id: str) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.layout.org(org_id))
-        pipe.publish(self.layout.changes_channel, org_changed_message(org_id))
+        pipe.publish(
+            self.layout.changes_channel, org_changed_message(org_id, at=time.time())
+        )
         pipe.execute()
 
     def _copy_last_used(self) -> None:
