@@ -113,6 +113,10 @@ def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
         client.close()
 
 
+START_ATTEMPTS = 3
+ADDRESS_IN_USE = "Address already in use"
+
+
 @pytest.fixture
 def start_server(
     tmp_path: Path, redis_url: str, redis_prefix: str
@@ -135,10 +139,19 @@ def start_server(
         prefix: str = redis_prefix,
         extra_args: Sequence[str] = (),
     ):
-        server = launch_server(tmp_path, redis_url, prefix, extra_args)
-        servers.append(server)
-        server.wait_until_serving()
-        return server
+        # NOTE: free_port() only finds a port that was free a moment ago, and
+        # tests running beside this one may take it before the server binds
+        # it. Such a start is retried with new ports; any other failure raises.
+        for attempt in range(1, START_ATTEMPTS + 1):
+            server = launch_server(tmp_path, redis_url, prefix, extra_args)
+            servers.append(server)
+            try:
+                server.wait_until_serving()
+            except AssertionError:
+                if attempt == START_ATTEMPTS or ADDRESS_IN_USE not in server.log():
+                    raise
+                continue
+            return server
 
     yield start
     for server in servers:

@@ -34,6 +34,9 @@ def test_environment_variable_names():
         "max_concurrent_checks": "HASP_MAX_CONCURRENT_CHECKS",
         "shutdown_grace_seconds": "HASP_SHUTDOWN_GRACE_SECONDS",
         "stale_if_error_seconds": "HASP_STALE_IF_ERROR_SECONDS",
+        "metrics_listen": "HASP_METRICS_LISTEN",
+        "log_format": "HASP_LOG_FORMAT",
+        "config_file": "HASP_CONFIG_FILE",
     }
 
 
@@ -373,3 +376,93 @@ def test_settings_is_frozen():
 
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.redis_url = "redis://127.0.0.1:6380/0"  # type: ignore[misc]
+
+
+# The configuration file, and its place below the environment and the flags.
+
+
+def test_config_file_values_used(tmp_path: Path):
+    config = tmp_path / "hasp.yaml"
+    config.write_text("check_budget_ms: 300\nlog_format: text\n")
+
+    settings = load_settings({}, environ={"HASP_CONFIG_FILE": str(config)})
+
+    assert settings.check_budget_ms == 300
+    assert settings.log_format == "text"
+    assert settings.config_file == config
+
+
+def test_config_file_below_environment_and_flags(tmp_path: Path):
+    config = tmp_path / "hasp.yaml"
+    config.write_text("check_budget_ms: 300\ncache_size: 5\nlog_level: DEBUG\n")
+    environ = {"HASP_CONFIG_FILE": str(config), "HASP_CACHE_SIZE": "7"}
+
+    settings = load_settings({"log_level": "ERROR"}, environ=environ)
+
+    assert settings.check_budget_ms == 300
+    assert settings.cache_size == 7
+    assert settings.log_level == "ERROR"
+
+
+def test_config_file_flag_wins_over_environment(tmp_path: Path):
+    from_env = tmp_path / "env.yaml"
+    from_env.write_text("cache_size: 1\n")
+    from_flag = tmp_path / "flag.yaml"
+    from_flag.write_text("cache_size: 2\n")
+
+    settings = load_settings(
+        {"config_file": str(from_flag)}, environ={"HASP_CONFIG_FILE": str(from_env)}
+    )
+
+    assert settings.cache_size == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cache_sise: 5\n", "unknown setting 'cache_sise'"),
+        ("- 1\n", "must be a mapping"),
+        ("cache_size: [1, 2]\n", "cache_size must be a single value"),
+        ("config_file: other.yaml\n", "unknown setting 'config_file'"),
+        ("cache_size: {\n", "not valid YAML"),
+    ],
+)
+def test_config_file_errors(tmp_path: Path, text: str, message: str):
+    config = tmp_path / "hasp.yaml"
+    config.write_text(text)
+
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, environ={"HASP_CONFIG_FILE": str(config)})
+
+
+def test_config_file_missing(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read configuration file"):
+        load_settings({"config_file": str(tmp_path / "absent.yaml")}, environ={})
+
+
+def test_config_file_value_validated(tmp_path: Path):
+    config = tmp_path / "hasp.yaml"
+    config.write_text("check_budget_ms: -1\n")
+
+    with pytest.raises(ConfigError, match="HASP_CHECK_BUDGET_MS=-1 is invalid"):
+        load_settings({}, environ={"HASP_CONFIG_FILE": str(config)})
+
+
+@pytest.mark.parametrize("value", ["off", "OFF"])
+def test_metrics_listen_off(value: str):
+    settings = load_settings({}, environ={"HASP_METRICS_LISTEN": value})
+
+    assert settings.metrics_listen == "off"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HASP_METRICS_LISTEN", "9002"),
+        ("HASP_METRICS_LISTEN", "127.0.0.1:0"),
+        ("HASP_LOG_FORMAT", "xml"),
+    ],
+)
+def test_operations_settings_rejected(variable: str, value: str):
+    with pytest.raises(ConfigError, match=f"{variable}={value!r} is invalid"):
+        load_settings({}, environ={variable: value})

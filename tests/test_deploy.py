@@ -311,7 +311,12 @@ def test_healthcheck_passes_against_hasp_authz(redis_url: str, tmp_path: Path) -
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [venv_tool("hasp-authz"), "serve"],
-            env={**os.environ, "HASP_LISTEN": listen, "HASP_REDIS_URL": redis_url},
+            env={
+                **os.environ,
+                "HASP_LISTEN": listen,
+                "HASP_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+                "HASP_REDIS_URL": redis_url,
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -646,11 +651,16 @@ def test_api_probes_reach_loopback_listeners(
 ) -> None:
     pod = containers(find_object(rendered["base"], "Deployment", "hasp-api"))
 
-    # hasp-authz and the app listen on 127.0.0.1, which only exec probes reach.
-    assert pod["hasp-authz"]["readinessProbe"]["exec"]["command"] == [
-        "hasp-healthcheck"
-    ]
-    assert pod["hasp-authz"]["livenessProbe"]["exec"]["command"] == ["hasp-healthcheck"]
+    # hasp-authz's metrics port listens on every address, so the kubelet
+    # reaches /readyz and /healthz there. The Check port stays on 127.0.0.1.
+    authz = pod["hasp-authz"]
+    environment = {item["name"]: item.get("value") for item in authz["env"]}
+    assert environment["HASP_METRICS_LISTEN"] == "0.0.0.0:9002"
+    assert environment["HASP_LISTEN"] == "127.0.0.1:9001"
+    assert authz["ports"] == [{"name": "metrics", "containerPort": 9002}]
+    assert authz["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert authz["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # The app listens on 127.0.0.1, which only exec probes reach.
     assert "exec" in pod["app"]["readinessProbe"]
     # Envoy's listener is bound to 0.0.0.0, so the kubelet reaches it.
     assert pod["envoy"]["readinessProbe"] == {
@@ -700,7 +710,17 @@ def test_api_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
 
     assert policy["podSelector"] == deployment["spec"]["selector"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    assert policy_ports(policy["ingress"]) == {("TCP", envoy_port["containerPort"])}
+    [open_rule, metrics_rule] = policy["ingress"]
+    # Clients reach Envoy from anywhere, and only Prometheus reaches /metrics.
+    assert "from" not in open_rule
+    assert policy_ports([open_rule]) == {("TCP", envoy_port["containerPort"])}
+    assert policy_ports([metrics_rule]) == {("TCP", 9002)}
+    assert metrics_rule["from"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
     assert policy_ports(policy["egress"]) == {("TCP", 6379), ("UDP", 53), ("TCP", 53)}
 
 

@@ -13,6 +13,7 @@ import http.client
 import json
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -96,6 +97,76 @@ def test_shipped_config_passes_envoy_validation(config_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# envoy.yaml marks each commented-out example with these lines. Every line
+# between them is YAML with "# " added after its indentation.
+EXAMPLE_START = "# --- example: {name} ---"
+EXAMPLE_END = "# --- end of example ---"
+COMMENTED_EXAMPLES = ("shadow_route", "ratelimit")
+
+
+def with_example_enabled(text: str, name: str) -> str:
+    """Return envoy.yaml's ``text`` with the blocks of example ``name`` uncommented."""
+    lines = []
+    inside = False
+    blocks = 0
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped == EXAMPLE_START.format(name=name):
+            inside = True
+            blocks += 1
+        elif inside and stripped == EXAMPLE_END:
+            inside = False
+        elif inside:
+            indent = line[: len(line) - len(line.lstrip())]
+            assert stripped.startswith("# "), f"example {name}: {line!r}"
+            lines.append(indent + stripped.removeprefix("# "))
+        else:
+            lines.append(line)
+    assert blocks, f"no example {name!r} in envoy.yaml"
+    assert not inside, f"example {name!r} lacks its end line"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name", COMMENTED_EXAMPLES)
+def test_commented_example_passes_envoy_validation(tmp_path: Path, name: str) -> None:
+    original = ENVOY_CONFIG_PATH.read_text()
+    enabled = with_example_enabled(original, name)
+    assert enabled != original
+    config_path = tmp_path / "envoy.yaml"
+    config_path.write_text(enabled)
+
+    result = validate_with_envoy(config_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ratelimit_example_keys_descriptor_on_org() -> None:
+    config = yaml.safe_load(
+        with_example_enabled(ENVOY_CONFIG_PATH.read_text(), "ratelimit")
+    )
+    manager = _http_connection_manager(config)
+    filters = [entry["name"] for entry in manager["http_filters"]]
+    # The rate limit filter reads the org_id that ext_authz sets, so it runs after.
+    assert filters.index("envoy.filters.http.ratelimit") > filters.index(
+        "envoy.filters.http.ext_authz"
+    )
+    _named(config["static_resources"]["clusters"], "ratelimit")
+    checked = _named(_routes(config), "checked")
+    [rate_limit] = checked["route"]["rate_limits"]
+    assert rate_limit["actions"] == [
+        {
+            "metadata": {
+                "descriptor_key": "org_id",
+                "metadata_key": {
+                    "key": "envoy.filters.http.ext_authz",
+                    "path": [{"key": "org_id"}],
+                },
+                "source": "DYNAMIC",
+            }
+        }
+    ]
+
+
 def test_rendered_config_passes_envoy_validation(tmp_path: Path) -> None:
     text, _ = render_on_free_ports()
     rendered_path = tmp_path / "envoy.yaml"
@@ -108,6 +179,16 @@ def test_rendered_config_passes_envoy_validation(tmp_path: Path) -> None:
 
 def _named(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(entry for entry in entries if entry["name"] == name)
+
+
+def _http_connection_manager(config: dict[str, Any]) -> dict[str, Any]:
+    listener = _named(config["static_resources"]["listeners"], "ingress")
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    [virtual_host] = _http_connection_manager(config)["route_config"]["virtual_hosts"]
+    return virtual_host["routes"]
 
 
 def _endpoint_address(cluster: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +262,54 @@ def test_render_raises_when_named_entry_missing(
             admin_port=9901,
             authz_port=9001,
             upstream_port=8000,
+            source=source,
+        )
+
+
+EXTRA_ROUTE = {
+    "name": "extra",
+    "match": {"path": "/v1/extra"},
+    "route": {"cluster": "upstream"},
+    "typed_per_filter_config": {
+        "envoy.filters.http.ext_authz": {
+            "@type": (
+                "type.googleapis.com/"
+                "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+            ),
+            "check_settings": {"context_extensions": {"hasp_shadow": "true"}},
+        }
+    },
+}
+
+
+def test_render_inserts_extra_routes_before_catch_all(tmp_path: Path) -> None:
+    second = {**EXTRA_ROUTE, "name": "extra_2", "match": {"path": "/v1/extra2"}}
+    original_names = [route["name"] for route in _routes(load_envoy_config())]
+
+    text, _ = render_on_free_ports(extra_routes=[EXTRA_ROUTE, second])
+
+    names = [route["name"] for route in _routes(yaml.safe_load(text))]
+    assert names == [*original_names[:-1], "extra", "extra_2", "checked"]
+    assert original_names[-1] == "checked"
+    rendered_path = tmp_path / "envoy.yaml"
+    rendered_path.write_text(text)
+    result = validate_with_envoy(rendered_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_render_raises_without_catch_all_route(tmp_path: Path) -> None:
+    config = load_envoy_config()
+    _routes(config)[-1]["name"] = "renamed"
+    source = tmp_path / "envoy.yaml"
+    source.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(EnvoyConfigError, match="'checked'"):
+        render_envoy_config(
+            listen_port=8080,
+            admin_port=9901,
+            authz_port=9001,
+            upstream_port=8000,
+            extra_routes=[EXTRA_ROUTE],
             source=source,
         )
 
@@ -565,3 +694,50 @@ def test_escaped_slash_rejected_before_check(stack: Stack, path: str) -> None:
     assert reply.status == 400
     assert stack.authz.requests == []
     assert stack.upstream.request_count == requests_before
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_public_route_sends_public_policy(stack: Stack, method: str) -> None:
+    reply = send(stack.port, method, "/v1/status")
+
+    assert reply.status == 200
+    [check] = stack.authz.requests
+    assert dict(check.attributes.context_extensions) == {"hasp_public": "true"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/status"),
+        ("GET", "/v1/status/"),
+        ("GET", "/v1/ai/chat"),
+    ],
+)
+def test_other_routes_send_no_policy(stack: Stack, method: str, path: str) -> None:
+    send(stack.port, method, path, [("hasp-public", "true")])
+
+    [check] = stack.authz.requests
+    assert dict(check.attributes.context_extensions) == {}
+
+
+def _admin_stats(envoy: EnvoyProcess, name_regex: str) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", envoy.admin_port, timeout=5)
+    try:
+        connection.request("GET", f"/stats?filter={urllib.parse.quote(name_regex)}")
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
+@pytest.mark.e2e
+def test_route_rate_limits_inert_without_filter(stack: Stack) -> None:
+    # allow_with_identity sets org_id, so the `checked` route's rate_limits
+    # action has its input. Without the rate limit filter nothing uses it.
+    reply = send(stack.port, "POST", "/v1/ai/chat")
+
+    assert reply.status == 200
+    assert "x-envoy-ratelimited" not in reply.headers
+    # The rate limit filter counts its calls in cluster.<name>.ratelimit.*.
+    assert _admin_stats(stack.envoy, r"\.ratelimit\.") == ""

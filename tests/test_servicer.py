@@ -49,8 +49,16 @@ GRPC_UNAVAILABLE = 14
 class AuthzServer:
     """One ``hasp-authz serve`` subprocess and a gRPC channel to it."""
 
-    def __init__(self, command: list[str], port: int, log_path: Path):
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        log_path: Path,
+        metrics_port: int | None = None,
+    ):
         self.address = f"127.0.0.1:{port}"
+        # Port of /metrics, /healthz and /readyz, when the command set one.
+        self.metrics_port = metrics_port
         self.log_path = log_path
         self._log_file = log_path.open("wb")
         environment = {
@@ -117,17 +125,23 @@ class AuthzServer:
 def launch_server(
     log_dir: Path, redis_url: str, prefix: str, extra_args: Sequence[str] = ()
 ) -> AuthzServer:
-    """Start ``hasp-authz serve`` on a free port. The caller must close it."""
+    """Start ``hasp-authz serve`` on free ports. The caller must close it.
+
+    The log is in text format unless ``extra_args`` sets another.
+    """
     port = free_port()
+    metrics_port = free_port()
     command = [
         str(CONSOLE_SCRIPT), "serve",
         "--listen", f"127.0.0.1:{port}",
+        "--metrics-listen", f"127.0.0.1:{metrics_port}",
         "--redis-url", redis_url,
         "--redis-prefix", prefix,
         "--log-level", "DEBUG",
+        "--log-format", "text",
         *extra_args,
     ]  # fmt: skip
-    return AuthzServer(command, port, log_dir / f"hasp-authz-{port}.log")
+    return AuthzServer(command, port, log_dir / f"hasp-authz-{port}.log", metrics_port)
 
 
 def wait_for_log(server: AuthzServer, text: str, within: float = 10.0) -> None:
@@ -767,7 +781,8 @@ def test_check_revoked_key_is_401_after_change_message(
 
     key_hash = hash_token(key.token)
     redis_client.delete(layout.key(key_hash))
-    redis_client.publish(layout.changes_channel, key_changed_message(key_hash))
+    message = key_changed_message(key_hash, at=time.time())
+    redis_client.publish(layout.changes_channel, message)
     deadline = time.monotonic() + 1.0
     while (status := http_status(server.check(request))) != 401:
         assert time.monotonic() < deadline, f"still {status} after 1 s"

@@ -216,9 +216,16 @@ class RecordCache:
 class CachedKeyCopy:
     """A KeyLookup that returns RecordCache entries and reads the copy on a miss."""
 
-    def __init__(self, copy: KeyLookup, cache: RecordCache):
+    def __init__(
+        self,
+        copy: KeyLookup,
+        cache: RecordCache,
+        observe: Callable[[str], None] | None = None,
+    ):
         self.copy = copy
         self.cache = cache
+        # Called with "hit", "negative_hit", "miss" or "bypass" for each lookup.
+        self.observe = observe
         # True from the first stale-if-error result until a lookup succeeds
         # again, so the warning is logged once per outage.
         self._serving_stale = False
@@ -231,9 +238,28 @@ class CachedKeyCopy:
         Raises CopyUnavailable, as the copy does, unless the stale-if-error
         window has the key. Failures are not cached.
         """
-        hit = self.cache.get(key_hash)
+        hit = self.peek(key_hash)
         if hit is not None:
             return hit.result
+        return await self.fetch(key_hash, deadline)
+
+    def peek(self, key_hash: str) -> CacheHit | None:
+        """Return the cached result without awaiting, or None on a miss.
+
+        Counts a hit or a negative hit. A miss is counted by ``fetch``.
+        """
+        hit = self.cache.get(key_hash)
+        if hit is not None and self.observe is not None:
+            self.observe("hit" if hit.result is not None else "negative_hit")
+        return hit
+
+    async def fetch(self, key_hash: str, deadline: float | None = None) -> LookupResult:
+        """Read the copy after a ``peek`` miss, and cache the result.
+
+        Raises CopyUnavailable as ``lookup`` does.
+        """
+        if self.observe is not None:
+            self.observe("miss" if self.cache.active else "bypass")
         generation = self.cache.generation
         try:
             result = await self.copy.lookup(key_hash, deadline)

@@ -1,13 +1,13 @@
-"""Settings for ``hasp-authz serve``, from flags and HASP_* environment variables.
+"""Settings for ``hasp-authz``, from flags, HASP_* variables and a YAML file.
 
-Flags win over the environment, which wins over the defaults. Everything is
+Flags win over the environment, which wins over the configuration file
+(HASP_CONFIG_FILE or ``--config``), which wins over the defaults. Everything is
 validated once at start-up into a frozen Settings; an error names the setting
 and says what a valid value looks like.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.connection import parse_url
 
+from hasp_authz.config_file import ConfigFileError, load_config_file
 from hasp_authz.records import DEFAULT_PREFIX
 from hasp_authz.routes import DEFAULT_ROUTES_FILE
 
@@ -56,6 +57,12 @@ class Settings:
     # seconds are still decided from memory. 0 turns it off, so every such
     # Check gets the 503.
     stale_if_error_seconds: float = 0.0
+    # HOST:PORT of the HTTP server for /metrics, /healthz and /readyz, or "off".
+    metrics_listen: str = "127.0.0.1:9002"
+    # "json" (one JSON object per line) or "text".
+    log_format: str = "json"
+    # Optional YAML file of settings, below the environment and the flags.
+    config_file: Path | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -93,11 +100,18 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user_info}{at}{host}", query=query))
 
 
+# Value of HASP_METRICS_LISTEN that turns the HTTP server off.
+METRICS_OFF = "off"
+
+
 def load_settings(
     overrides: Mapping[str, object | None] | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> Settings:
-    """Merge defaults, environment and flag overrides, then validate."""
+    """Merge defaults, the configuration file, environment and flags, then validate.
+
+    Raises ConfigError, also for an unreadable or invalid configuration file.
+    """
     values: dict[str, object] = {}
     for name, variable in ENVIRONMENT.items():
         if variable in environ:
@@ -105,6 +119,14 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    config_file = values.get("config_file")
+    if config_file:
+        file_names = [name for name in ENVIRONMENT if name != "config_file"]
+        try:
+            from_file = load_config_file(str(config_file), file_names)
+        except ConfigFileError as error:
+            raise ConfigError(str(error)) from error
+        values = {**from_file, **values}
     return _validated(values)
 
 
@@ -132,6 +154,13 @@ def _validated(values: dict[str, object]) -> Settings:
         stale_if_error_seconds=_seconds(
             values, "stale_if_error_seconds", defaults, zero_allowed=True
         ),
+        metrics_listen=_metrics_listen(
+            str(values.get("metrics_listen", defaults.metrics_listen))
+        ),
+        log_format=_log_format(str(values.get("log_format", defaults.log_format))),
+        config_file=Path(str(values["config_file"]))
+        if values.get("config_file")
+        else None,
     )
     _check_relations(settings)
     return settings
@@ -177,14 +206,32 @@ def _check_stale_if_error(settings: Settings) -> None:
         )
 
 
-def _listen(value: str) -> str:
+def _listen(value: str, name: str = "listen", example: str = "127.0.0.1:9001") -> str:
     host, separator, port = value.rpartition(":")
     if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(
-            f"{ENVIRONMENT['listen']}={value!r} is invalid; expected HOST:PORT, "
-            "for example 127.0.0.1:9001"
+            f"{ENVIRONMENT[name]}={value!r} is invalid; expected HOST:PORT, "
+            f"for example {example}"
         )
     return value
+
+
+def _metrics_listen(value: str) -> str:
+    if value.lower() == METRICS_OFF:
+        return METRICS_OFF
+    try:
+        return _listen(value, "metrics_listen", "127.0.0.1:9002")
+    except ConfigError as error:
+        raise ConfigError(f'{error}, or "off"') from None
+
+
+def _log_format(value: str) -> str:
+    log_format = value.lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError(
+            f"{ENVIRONMENT['log_format']}={value!r} is invalid; expected json or text"
+        )
+    return log_format
 
 
 def _redis_url(value: str) -> str:
@@ -255,10 +302,3 @@ def _log_level(value: str) -> str:
             "WARNING or ERROR"
         )
     return level
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )

@@ -7,7 +7,7 @@ cases. The checks run in this order and the first that fails decides:
 2. the key's organization has an active BAA (402)
 3. a route matches the path (404)
 4. the route allows the method (405)
-5. the key has the route's scope (403)
+5. the key has the route's scope, or the Envoy route's ``hasp_scope`` (403)
 
 A dependency failure (Redis down, the copy incomplete) is the 503 outcome, and
 the servicer produces it for any exception, so every fault fails closed.
@@ -86,12 +86,14 @@ def decide(
     path: str,
     routes: RouteTable,
     now: float,
+    required_scope: str | None = None,
 ) -> Decision:
     """Apply the decision steps to a key already looked up (or None if unknown).
 
-    ``org`` is the record of ``key.org_id``. A known key with a missing org
-    means the copy is incomplete, which is the 503 outcome, so the caller
-    must not pass one. This function would return 402.
+    ``required_scope``, from the Envoy route's policy, replaces the matched
+    route's scope. ``org`` is the record of ``key.org_id``. A known key with a
+    missing org means the copy is incomplete, which is the 503 outcome, so the
+    caller must not pass one. This function would return 402.
     """
     if key is None or (key.expires_at is not None and now >= key.expires_at):
         return Decision(Outcome.INVALID_API_KEY, credentials_sent=credentials_sent)
@@ -106,12 +108,13 @@ def decide(
         return Decision(
             Outcome.METHOD_NOT_ALLOWED, key=key, route=route, credentials_sent=True
         )
-    if route.scope not in key.scopes:
+    scope = required_scope or route.scope
+    if scope not in key.scopes:
         return Decision(
             Outcome.MISSING_SCOPE,
             message=(
                 f"The API key {key.key_id} does not have the scope "
-                f"{route.scope!r}, which this route requires."
+                f"{scope!r}, which this route requires."
             ),
             key=key,
             route=route,

@@ -108,10 +108,14 @@ class DenyLog:
         org_id: str | None,
         route: str | None,
         verb: str = "deny",
+        reason: str | None = None,
+        level: int = logging.INFO,
+        exc_info: BaseException | None = None,
     ) -> bool:
         """Log one deny unless the code is over its rate. Returns True if logged.
 
-        ``verb`` is "deny", or "would deny" for a shadow-mode route.
+        ``verb`` is "deny", or "would deny" for a shadow-mode route. ``reason``
+        is the cause of a 503 for operators. It never goes to the client.
         """
         if not self._take(code):
             self.suppressed[code] = self.suppressed.get(code, 0) + 1
@@ -124,11 +128,19 @@ class DenyLog:
             "org_id": org_id or "-",
             "route": route or "-",
         }
-        self.logger.info(
-            "%s code=%s request_id=%s key_id=%s org_id=%s route=%s",
-            verb, *fields.values(),
+        message = "%s code=%s request_id=%s key_id=%s org_id=%s route=%s"
+        arguments: tuple[object, ...] = (verb, *fields.values())
+        if reason:
+            fields["reason"] = reason
+            message += " reason=%s"
+            arguments += (reason,)
+        self.logger.log(
+            level,
+            message,
+            *arguments,
+            exc_info=exc_info,
             extra={"event": verb.replace(" ", "_"), **fields},
-        )  # fmt: skip
+        )
         return True
 
     def _take(self, code: str) -> bool:

@@ -3,8 +3,9 @@
 Every metric lives in the CollectorRegistry that ``Metrics`` is given (or
 creates), never in prometheus_client's global one, so tests can run several
 servers in one process. Label values are bounded: ``code`` is an Outcome
-value, ``route`` a template from the route file or ``none``, and ``result``
-one of CACHE_RESULTS. No label ever takes a value from the client's request.
+value, ``route`` a template from the route file, ``public`` (a public Envoy
+route) or ``none``, and ``result`` one of CACHE_RESULTS or applied/rejected.
+No label ever takes a value from the client's request.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Metrics:
         self.clock = clock
         # Publish time (epoch seconds) of the newest change message applied.
         self.newest_change_at: float | None = None
+        self._decision_counters: dict[tuple[str, str], Counter] = {}
         self._register()
         self._initialize_labels()
 
@@ -72,13 +74,20 @@ class Metrics:
         self.cache_lookups = Counter(
             "hasp_authz_cache_lookups",
             "In-process cache lookups by result: hit, miss, negative_hit (a cached "
-            "unknown key) or bypass (cache suspended or off).",
+            "unknown key) or bypass (cache suspended while the change subscription "
+            "is down). Nothing is counted when HASP_CACHE_SIZE is 0.",
             ["result"],
             registry=registry,
         )
         self.redis_errors = Counter(
             "hasp_authz_redis_errors",
-            "Redis calls on the Check path that failed or timed out.",
+            "Key lookups in Redis that failed or timed out, after the retry.",
+            registry=registry,
+        )
+        self.route_reloads = Counter(
+            "hasp_authz_route_reloads",
+            "Route file reloads on SIGHUP, by result: applied or rejected.",
+            ["result"],
             registry=registry,
         )
         self.change_lag = Histogram(
@@ -105,14 +114,24 @@ class Metrics:
     def _initialize_labels(self) -> None:
         # Series that exist from the start show as 0 instead of being absent,
         # so rate() and alerts see the first event.
-        for result in CACHE_RESULTS:
-            self.cache_lookups.labels(result)
+        self._cache_counters = {
+            result: self.cache_lookups.labels(result) for result in CACHE_RESULTS
+        }
+        for result in ("applied", "rejected"):
+            self.route_reloads.labels(result)
         for outcome in Outcome:
             self.decisions.labels(outcome.value, NO_ROUTE)
 
     def observe_check(self, code: str, route: str | None, seconds: float) -> None:
         """Count one Check's decision and its duration."""
-        self.decisions.labels(code, route or NO_ROUTE).inc()
+        labels = (code, route or NO_ROUTE)
+        counter = self._decision_counters.get(labels)
+        if counter is None:
+            # labels() takes a lock and builds a key each time, so the child
+            # counters are kept here. Codes and routes are bounded sets.
+            counter = self.decisions.labels(*labels)
+            self._decision_counters[labels] = counter
+        counter.inc()
         self.check_duration.observe(seconds)
 
     def observe_shadow_denial(self, code: str, route: str | None) -> None:
@@ -120,11 +139,12 @@ class Metrics:
 
     def observe_cache(self, result: str) -> None:
         """Count one cache lookup. Raises ValueError for a result not in the list."""
-        if result not in CACHE_RESULTS:
+        counter = self._cache_counters.get(result)
+        if counter is None:
             raise ValueError(
                 f"unknown cache result {result!r}; expected {CACHE_RESULTS}"
             )
-        self.cache_lookups.labels(result).inc()
+        counter.inc()
 
     def observe_redis_error(self) -> None:
         self.redis_errors.inc()

@@ -23,9 +23,16 @@ log = logging.getLogger(__name__)
 class RouteReloader:
     """Loads ``routes_file`` again and hands a valid table to ``apply``."""
 
-    def __init__(self, routes_file: Path, apply: Callable[[RouteTable], None]):
+    def __init__(
+        self,
+        routes_file: Path,
+        apply: Callable[[RouteTable], None],
+        on_result: Callable[[str], None] | None = None,
+    ):
         self.routes_file = routes_file
         self.apply = apply
+        # Called with "applied" or "rejected" after each reload.
+        self.on_result = on_result
         self.reloads = 0
         self.rejected = 0
 
@@ -35,6 +42,7 @@ class RouteReloader:
             table = load_route_table(self.routes_file)
         except RouteFileError as error:
             self.rejected += 1
+            self._report("rejected")
             log.error(
                 "route file reload rejected; keeping the current table: %s",
                 error,
@@ -43,6 +51,7 @@ class RouteReloader:
             return False
         self.apply(table)
         self.reloads += 1
+        self._report("applied")
         log.info(
             "route file %s reloaded with %d routes",
             self.routes_file,
@@ -50,6 +59,10 @@ class RouteReloader:
             extra={"event": "routes_reloaded", "routes": len(table.routes)},
         )
         return True
+
+    def _report(self, result: str) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload on every SIGHUP that reaches this process."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -14,6 +15,7 @@ from hasp_authz.proto import envoy_config_core_v3_pb2 as core_pb2
 from hasp_authz.proto import envoy_service_auth_v3_pb2 as auth_pb2
 from hasp_authz.proto import envoy_type_v3_pb2 as type_pb2
 from hasp_authz.proto import google_rpc_status_pb2 as status_pb2
+from hasp_authz.records import KeyRecord
 
 IDENTITY_HEADERS = ("x-hasp-org-id", "x-hasp-key-id", "x-hasp-scopes")
 # gRPC status codes carried in CheckResponse.status: Envoy allows on OK (0)
@@ -42,30 +44,63 @@ def allow_response(
 ) -> auth_pb2.CheckResponse:
     """Allow, replace the identity headers and remove the client's credentials.
 
-    ``strip_headers`` names the other client-sent headers to remove (any
-    ``x-hasp-*`` header that is not one of the identity headers).
+    ``strip_headers`` names client-sent ``x-hasp-*`` headers to remove. The
+    identity headers among them are overwritten instead.
     """
     key = decision.key
     assert key is not None, "an allow decision always carries its key"
+    response = auth_pb2.CheckResponse()
+    # The parts that depend on the key alone are built once per key record
+    # and copied in C, which costs less than building them per Check.
+    response.CopyFrom(_allow_template(key))
+    response.dynamic_metadata.fields["request_id"].string_value = request_id
+    if strip_headers:
+        response.ok_response.headers_to_remove.extend(
+            name for name in strip_headers if name not in IDENTITY_HEADERS
+        )
+    return response
+
+
+# Bounded so that a key store with many active keys cannot grow it without
+# limit. A KeyRecord is immutable and hashable, so a changed record is a new
+# entry and a template never outlives the facts it was built from.
+@functools.lru_cache(maxsize=4096)
+def _allow_template(key: KeyRecord) -> auth_pb2.CheckResponse:
+    scopes = " ".join(key.scopes)
     identity = {
         "x-hasp-org-id": key.org_id,
         "x-hasp-key-id": key.key_id,
-        "x-hasp-scopes": " ".join(key.scopes),
+        "x-hasp-scopes": scopes,
     }
     ok = auth_pb2.OkHttpResponse(
         headers=[_header(name, value) for name, value in identity.items()],
-        headers_to_remove=["authorization", *strip_headers],
+        headers_to_remove=["authorization"],
     )
-    metadata = {
-        "org_id": key.org_id,
-        "key_id": key.key_id,
-        "scopes": " ".join(key.scopes),
-        "request_id": request_id,
-    }
+    metadata = {"org_id": key.org_id, "key_id": key.key_id, "scopes": scopes}
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=_GRPC_OK),
         ok_response=ok,
         dynamic_metadata=_struct(metadata),
+    )
+
+
+def anonymous_allow_response(
+    *, request_id: str, strip_headers: list[str], policy: str
+) -> auth_pb2.CheckResponse:
+    """Allow without identity, for a public route or a shadow-mode deny.
+
+    The upstream gets no ``x-hasp-*`` header and no Authorization header.
+    ``strip_headers`` names every client-sent ``x-hasp-*`` header, the
+    identity headers included, because none is overwritten here. ``policy``
+    ("public" or "shadow") goes into the dynamic metadata for access logs.
+    """
+    ok = auth_pb2.OkHttpResponse(
+        headers_to_remove=["authorization", *strip_headers],
+    )
+    return auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_OK),
+        ok_response=ok,
+        dynamic_metadata=_struct({"request_id": request_id, "policy": policy}),
     )
 
 

@@ -1,8 +1,10 @@
 """Run the ext_authz gRPC server with the standard gRPC health service.
 
-Beside the gRPC server, two background tasks run on the same event loop: the
+Beside the gRPC server, background tasks run on the same event loop: the
 ChangeSubscriber that keeps the in-process cache fresh (only when the cache is
-on) and the LastUsedRecorder's periodic flush.
+on), the LastUsedRecorder's periodic flush and the readiness probe. The
+operations HTTP server (/metrics, /healthz, /readyz) runs in a thread of its
+own unless HASP_METRICS_LISTEN is "off". SIGHUP reloads the route file.
 
 Shutdown on SIGTERM or SIGINT: the health service reports NOT_SERVING at once.
 Checks, new ones included, still get responses until none is in flight,
@@ -25,12 +27,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hasp_authz.authorizer import Authorizer
 from hasp_authz.cache import CachedKeyCopy, RecordCache
-from hasp_authz.config import Settings
+from hasp_authz.config import METRICS_OFF, Settings
 from hasp_authz.invalidation import ChangeSubscriber
 from hasp_authz.last_used import LastUsedRecorder
+from hasp_authz.logs import configuration_fields
+from hasp_authz.metrics import Metrics
+from hasp_authz.ops_http import OpsHttpServer, ReadinessProbe
 from hasp_authz.proto import envoy_service_auth_v3_pb2_grpc as auth_grpc
 from hasp_authz.records import RedisLayout
-from hasp_authz.routes import load_route_table
+from hasp_authz.reload import RouteReloader
+from hasp_authz.routes import RouteTable, load_route_table
 from hasp_authz.servicer import AuthorizationServicer
 from hasp_authz.store import KeyLookup, RedisKeyCopy
 
@@ -82,25 +88,33 @@ def build_background_client(settings: Settings) -> redis.Redis:
 
 
 def build_key_lookup(
-    settings: Settings, client: redis.Redis, layout: RedisLayout
-) -> tuple[KeyLookup, ChangeSubscriber | None]:
+    settings: Settings,
+    client: redis.Redis,
+    layout: RedisLayout,
+    metrics: Metrics,
+) -> tuple[KeyLookup, ChangeSubscriber | None, RecordCache | None]:
     """Return the Check path's key lookup, cached unless HASP_CACHE_SIZE is 0.
 
-    The subscriber is None when the cache is off.
+    The subscriber and the cache are None when the cache is off.
     """
     copy = RedisKeyCopy(
-        client, layout, redis_timeout_seconds=settings.redis_timeout_ms / 1000
+        client,
+        layout,
+        redis_timeout_seconds=settings.redis_timeout_ms / 1000,
+        on_redis_error=metrics.observe_redis_error,
     )
     if settings.cache_size == 0:
-        return copy, None
+        return copy, None, None
     cache = RecordCache(
         settings.cache_size,
         settings.cache_ttl_seconds,
         settings.negative_cache_ttl_seconds,
         stale_if_error_seconds=settings.stale_if_error_seconds,
     )
-    subscriber = ChangeSubscriber(settings.redis_url, layout, cache)
-    return CachedKeyCopy(copy, cache), subscriber
+    subscriber = ChangeSubscriber(
+        settings.redis_url, layout, cache, on_change=metrics.observe_change
+    )
+    return CachedKeyCopy(copy, cache, metrics.observe_cache), subscriber, cache
 
 
 class AuthzService:
@@ -108,21 +122,55 @@ class AuthzService:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.routes = load_route_table(settings.routes_file)
+        self.metrics = Metrics()
         layout = RedisLayout(settings.redis_prefix)
         self.client = build_redis_client(settings)
         self.background_client = build_background_client(settings)
-        lookup, self.subscriber = build_key_lookup(settings, self.client, layout)
+        lookup, self.subscriber, cache = build_key_lookup(
+            settings, self.client, layout, self.metrics
+        )
         self.recorder = LastUsedRecorder(self.background_client, layout)
-        authorizer = Authorizer(lookup, self.routes, last_used=self.recorder)
+        self.authorizer = Authorizer(
+            lookup, load_route_table(settings.routes_file), last_used=self.recorder
+        )
         self.servicer = AuthorizationServicer(
-            authorizer,
+            self.authorizer,
             budget_seconds=settings.check_budget_ms / 1000,
             max_concurrent_checks=settings.max_concurrent_checks,
+            metrics=self.metrics,
         )
+        self.reloader = RouteReloader(
+            settings.routes_file,
+            self._apply_routes,
+            on_result=lambda result: self.metrics.route_reloads.labels(result).inc(),
+        )
+        # The probe uses the background client, so it never waits for a
+        # connection that a Check needs, and a flood of Checks never fails it.
+        self.readiness = ReadinessProbe(
+            self.background_client,
+            layout.complete_marker,
+            (lambda: cache.active) if cache is not None else None,
+        )
+        self.ops_http: OpsHttpServer | None = None
+        if settings.metrics_listen != METRICS_OFF:
+            # Binds now, so an address in use fails the start-up.
+            self.ops_http = OpsHttpServer(
+                settings.metrics_listen,
+                self.metrics.registry,
+                lambda: self.readiness.current,
+            )
         self.server = grpc.aio.server()
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task] = []
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.authorizer.routes
+
+    def _apply_routes(self, table: RouteTable) -> None:
+        # One assignment on the event loop: a Check in flight keeps the table
+        # it read, and the next Check reads the new one.
+        self.authorizer.routes = table
 
     async def start(self) -> None:
         """Listen, report SERVING and start the background tasks."""
@@ -136,6 +184,10 @@ class AuthzService:
         self.tasks.append(asyncio.create_task(self.recorder.run(flush_seconds)))
         if self.subscriber is not None:
             self.tasks.append(asyncio.create_task(self.subscriber.run()))
+        self.tasks.append(asyncio.create_task(self.readiness.run()))
+        if self.ops_http is not None:
+            self.ops_http.start()
+        self.reloader.install(asyncio.get_running_loop())
 
     async def stop(self) -> None:
         """Drain in-flight Checks, stop the tasks, flush once more, close clients."""
@@ -154,6 +206,10 @@ class AuthzService:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.ops_http is not None:
+            # Blocks until the HTTP thread ends, which takes at most its
+            # 0.5 s shutdown poll.
+            await asyncio.to_thread(self.ops_http.stop)
         await _final_flush(self.recorder)
         if self.subscriber is not None:
             await self.subscriber.close()
@@ -163,14 +219,13 @@ class AuthzService:
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and stop."""
-    # TODO: metrics.py, ops_http.py (/metrics, /healthz, /readyz), logs.py,
-    # policy.py (per-route context_extensions) and reload.py (SIGHUP) are built
-    # and unit-tested but not started here yet, so serve() exposes none of them.
     service = AuthzService(settings)
     await service.start()
     log.info(
         "hasp-authz serving on %s with %d routes; settings %r",
         settings.listen, len(service.routes.routes), settings,
+        extra={"event": "started", "settings": configuration_fields(settings),
+               "routes": len(service.routes.routes)},
     )  # fmt: skip
 
     await _wait_for_stop_signal()
@@ -178,9 +233,13 @@ async def serve(settings: Settings) -> None:
         "stopping: health reports NOT_SERVING; draining in-flight checks for up to "
         "%g s",
         settings.shutdown_grace_seconds,
+        extra={"event": "stopping"},
     )
     await service.stop()
-    log.info("hasp-authz stopped")
+    log.info(
+        "hasp-authz stopped",
+        extra={"event": "stopped", "settings": configuration_fields(settings)},
+    )
 
 
 async def _final_flush(recorder: LastUsedRecorder) -> None:

@@ -21,6 +21,14 @@ connection by then, so the retry runs on a new one. A timeout is not retried,
 because more requests make a slow Redis slower, and neither is a wait for a
 pooled connection that ran out, because that is overload.
 
+Round trips. A lookup is one round trip: a Lua script (EVALSHA) returns the
+completeness marker, the key record and the org record that the key names.
+The script reads the org key without declaring it in KEYS, which a standalone
+Redis allows (Sentinel included) but Redis Cluster does not, because the org
+key may live in another slot. With ``single_round_trip=False`` a lookup
+makes two round trips instead: one pipeline for the marker and the key
+record, then a GET of the org.
+
 A Redis call cancelled at the deadline never leaves its reply for another
 request: redis-py 8.2's asyncio ``Connection.read_response`` and pipeline
 execution disconnect on any exception, CancelledError included, before the
@@ -32,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import redis.asyncio as redis
@@ -49,6 +58,24 @@ LookupResult = tuple[KeyRecord, OrgRecord] | None
 
 # Tries of one lookup: the first and at most one retry.
 MAX_ATTEMPTS = 2
+
+# KEYS[1] is the completeness marker and KEYS[2] the key record. ARGV[1] is
+# the prefix of org records. The org id comes from the key record's JSON. A
+# record that does not decode comes back alone, and Python reports it as
+# malformed. The org record's key is not declared, so Redis Cluster rejects
+# this script.
+LOOKUP_SCRIPT = """
+local marker = redis.call('EXISTS', KEYS[1])
+local raw_key = redis.call('GET', KEYS[2])
+if marker == 0 or not raw_key then
+  return {marker, raw_key}
+end
+local ok, record = pcall(cjson.decode, raw_key)
+if not ok or type(record) ~= 'table' or type(record.org_id) ~= 'string' then
+  return {marker, raw_key}
+end
+return {marker, raw_key, redis.call('GET', ARGV[1] .. record.org_id)}
+"""
 
 
 class CopyUnavailable(Exception):
@@ -80,9 +107,17 @@ class RedisKeyCopy:
         layout: RedisLayout,
         *,
         redis_timeout_seconds: float = 0.0,
+        on_redis_error: Callable[[], None] | None = None,
+        single_round_trip: bool = True,
     ):
         self.client = client
         self.layout = layout
+        self._script = (
+            client.register_script(LOOKUP_SCRIPT) if single_round_trip else None
+        )
+        self._org_prefix = layout.org("")
+        # Called once for each lookup that raises RedisUnavailable.
+        self.on_redis_error = on_redis_error
         # One Redis timeout. A retry starts only when this much time remains
         # before the deadline, and a deadline that left less than this from the
         # start is no evidence that Redis failed.
@@ -98,6 +133,14 @@ class RedisKeyCopy:
         when a shorter deadline passes, when the completeness marker is
         missing, or when a record is malformed or points at a missing org.
         """
+        try:
+            return await self._lookup(key_hash, deadline)
+        except RedisUnavailable:
+            if self.on_redis_error is not None:
+                self.on_redis_error()
+            raise
+
+    async def _lookup(self, key_hash: str, deadline: float | None) -> LookupResult:
         budget = self._remaining(deadline)
         attempt = 1
         while True:
@@ -133,16 +176,23 @@ class RedisKeyCopy:
         return deadline - asyncio.get_running_loop().time()
 
     async def _read(self, key_hash: str) -> LookupResult:
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.exists(self.layout.complete_marker)
-            pipe.get(self.layout.key(key_hash))
-            marker, raw_key = await pipe.execute()
+        if self._script is not None:
+            keys = [self.layout.complete_marker, self.layout.key(key_hash)]
+            reply = await self._script(keys=keys, args=[self._org_prefix])
+            marker, raw_key = reply[0], reply[1]
+            raw_org = reply[2] if len(reply) > 2 else None
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(self.layout.complete_marker)
+                pipe.get(self.layout.key(key_hash))
+                marker, raw_key = await pipe.execute()
         if not marker:
             raise CopyUnavailable("the completeness marker is missing")
         if raw_key is None:
             return None
         key = _parse(KeyRecord, raw_key)
-        raw_org = await self.client.get(self.layout.org(key.org_id))
+        if self._script is None:
+            raw_org = await self.client.get(self.layout.org(key.org_id))
         if raw_org is None:
             raise CopyUnavailable(f"key {key.key_id} names org {key.org_id}, not found")
         return key, _parse(OrgRecord, raw_org)

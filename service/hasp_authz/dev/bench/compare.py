@@ -42,10 +42,10 @@ OPTIONS = {
     ),
     "Unix socket, cache hit": Option("c", variant={"unix_socket": True}),
     "every header sent, cache hit": Option("c", all_headers=True),
-    "one Redis round trip, Redis hit": Option(
+    "two Redis round trips, Redis hit": Option(
         "d",
         baseline={"env": CACHE_OFF},
-        variant={"env": CACHE_OFF, "single_round_trip": True},
+        variant={"env": CACHE_OFF, "two_round_trips": True},
     ),
     "hiredis parser, Redis hit": Option(
         "d",

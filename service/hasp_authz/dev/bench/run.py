@@ -317,11 +317,11 @@ class CheckPathBench:
         )
 
     def run_options(self) -> None:
-        """uvloop, a Unix socket, one Redis round trip, hiredis and two workers."""
+        """uvloop, a Unix socket, two Redis round trips, hiredis and two workers."""
         self.run_variant("c", "uvloop", uvloop=True)
         self.run_variant("d", "uvloop", env=CACHE_OFF, uvloop=True)
         self.run_variant("c", "unix socket", unix_socket=True)
-        self.run_variant("d", "one round trip", env=CACHE_OFF, single_round_trip=True)
+        self.run_variant("d", "two round trips", env=CACHE_OFF, two_round_trips=True)
         if self.config.hiredis_site is not None:
             # redis-py parses replies with hiredis whenever it can import it.
             hiredis_env = {**CACHE_OFF, "PYTHONPATH": str(self.config.hiredis_site)}

@@ -83,7 +83,7 @@ def start_hasp_authz(
     workers: int = 1,
     uvloop: bool = False,
     unix_socket: bool = False,
-    single_round_trip: bool = False,
+    two_round_trips: bool = False,
 ) -> ServerGroup:
     """Start ``workers`` hasp-authz processes, each with its own address.
 
@@ -101,8 +101,8 @@ def start_hasp_authz(
             variant_flags = []
             if uvloop:
                 variant_flags.append("--uvloop")
-            if single_round_trip:
-                variant_flags.append("--single-round-trip")
+            if two_round_trips:
+                variant_flags.append("--two-round-trips")
             if unix_socket:
                 variant_flags += ["--unix-socket", address[len("unix:") :]]
             if variant_flags:
@@ -110,6 +110,9 @@ def start_hasp_authz(
                 command += variant_flags
             server_env = {
                 "HASP_REDIS_URL": redis_url,
+                # Each worker serves its metrics on a port of its own, as in a
+                # deployment, so the scrape-side cost is the shipped one.
+                "HASP_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
                 **({} if unix_socket else {"HASP_LISTEN": address}),
                 **(env or {}),
             }
