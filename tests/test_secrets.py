@@ -10,9 +10,8 @@ tests then search every sink for each token created, its 32-character body,
 its SHA-256 hex and that hex's first 16 characters, case-insensitively. The
 sinks are every ``*.log`` under the stack's folder (Envoy's access log
 included), every response status line, header and body, the stdout of
-``hasp-keys`` except ``create``'s token, and its stderr.
-
-TODO: search the metrics endpoint as well once hasp-authz serves one.
+``hasp-keys`` except ``create``'s token, its stderr, and hasp-authz's
+``/metrics`` page, read before the sidecar stops and at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +79,13 @@ class Flow:
     sent_only: dict[str, str] = field(default_factory=dict)
     cli_runs: list[CliRun] = field(default_factory=list)
     exchanges: list[Exchange] = field(default_factory=list)
+    # hasp-authz's /metrics pages, each read while the same process ran.
+    metrics_pages: list[str] = field(default_factory=list)
+
+    def read_metrics(self) -> None:
+        url = f"{self.stack.metrics_url}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.metrics_pages.append(response.read().decode())
 
     def keys(self, *arguments: str, expect: int = 0) -> CliRun:
         """Run hasp-keys against the stack and record its output."""
@@ -280,6 +287,9 @@ def run_flow(flow: Flow) -> None:
     # A token passed where a key id belongs, a likely slip.
     keys("revoke", chat, expect=1)
 
+    send("public route, key sent", 200, "GET", "/v1/status", token=chat)
+
+    flow.read_metrics()
     flow.stack.stop_authz()
     try:
         send("sidecar down", 503, "POST", "/v1/ai/chat", token=chat)
@@ -288,6 +298,7 @@ def run_flow(flow: Flow) -> None:
     send("sidecar back", 200, "POST", "/v1/ai/chat", token=chat)
     keys("list")
     keys("list", "--json")
+    flow.read_metrics()
 
 
 @pytest.fixture(scope="module")
@@ -403,8 +414,21 @@ def test_envoy_access_log_contains_no_secret(flow: Flow) -> None:
     assert len(entries) >= len(flow.exchanges)
     assert "api_key" not in json.dumps(entries)
     allowed = [entry for entry in entries if entry["status"] == 200]
-    assert allowed
-    assert all(entry["key_id"].startswith("key_") for entry in allowed)
+    keyed = [entry for entry in allowed if entry["policy"] != "public"]
+    assert keyed
+    assert all(entry["key_id"].startswith("key_") for entry in keyed)
+    # A public route is allowed without reading the key.
+    public = [entry for entry in allowed if entry["policy"] == "public"]
+    assert [entry["key_id"] for entry in public] == [None]
     assert len(by_id) == len(entries)
     for entry in entries:
         assert secrets_in(json.dumps(entry), flow.secrets()) == [], entry
+
+
+def test_metrics_contain_no_secret(flow: Flow) -> None:
+    assert len(flow.metrics_pages) == 2
+    # The page counts the flow's decisions, so the search below covers them.
+    assert 'hasp_authz_decisions_total{code="MISSING_SCOPE"' in flow.metrics_pages[0]
+    assert 'route="public"' in flow.metrics_pages[0]
+    for page in flow.metrics_pages:
+        assert secrets_in(page, flow.secrets()) == []
