@@ -126,8 +126,24 @@ class AuthorizationServicer(auth_grpc.AuthorizationServicer):
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self._idle.set()
-        response = self._respond(verdict)
-        self._record(verdict, time.perf_counter() - started)
+        try:
+            response = self._respond(verdict)
+        except Exception as error:
+            # Only a bug gets here; the Check still gets the documented 503.
+            verdict = _Verdict(
+                Decision(Outcome.AUTH_UNAVAILABLE),
+                verdict.request_id,
+                reason=f"building the response failed: {type(error).__name__}",
+                error=error,
+            )
+            response = deny_response(verdict.decision, request_id=verdict.request_id)
+        try:
+            self._record(verdict, time.perf_counter() - started)
+        except Exception:
+            log.exception(
+                "recording a Check's metrics and log line failed request_id=%s",
+                verdict.request_id,
+            )
         return response
 
     async def wait_until_idle(self, timeout: float) -> bool:
