@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from hasp_authz.dev.stack import LocalStack, StackPorts, seed_demo_data
+from hasp_authz.dev.stack import LocalStack, StackPorts, print_banner, seed_demo_data
 from hasp_authz.records import RedisLayout
+from hasp_authz.routes import DEFAULT_ROUTES_FILE
 
 pytestmark = pytest.mark.e2e
 
@@ -471,3 +472,17 @@ def test_demo_keys_replaced_on_restart(stack: Stack) -> None:
     assert old.status == 401
     new = stack.request("POST", "/v1/ai/chat", token=second["demo-chat"])
     assert new.status == 200
+
+
+def test_banner_names_endpoints_and_reload(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = [("demo-chat", "acme", stack.keys["chat"])] * 3
+    print_banner(stack.local, keys)
+    banner = capsys.readouterr().out
+    authz = stack.local.processes["hasp-authz"].process
+
+    assert f"{stack.local.metrics_url}/metrics" in banner
+    assert f"kill -HUP {authz.pid}" in banner
+    assert str(DEFAULT_ROUTES_FILE) in banner
+    assert stack.request("GET", "/v1/status").status == 200

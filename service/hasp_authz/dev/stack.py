@@ -23,6 +23,7 @@ from hasp_authz.dev.envoy_config import find_envoy, render_envoy_config
 from hasp_authz.dev.processes import ManagedProcess, ProcessFailed
 from hasp_authz.dev.redis_server import RedisServer, free_port
 from hasp_authz.records import DEFAULT_PREFIX
+from hasp_authz.routes import DEFAULT_ROUTES_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN_DIR = Path(sys.executable).parent
@@ -320,6 +321,10 @@ def print_banner(stack: LocalStack, keys: list[tuple[str, str, str]]) -> None:
     print(f"  curl -i -X POST {base}/v1/ai/chat -H 'Authorization: Bearer {no_baa}'")
     print(f"  curl -i {base}/v1/ai/chat   # 401, no key")
     print(f"  curl -i {base}/v1/status    # 200, a public route: no key needed")
+    authz = stack.processes["hasp-authz"].process
+    routes_file = stack.authz_env.get("HASP_ROUTES_FILE", str(DEFAULT_ROUTES_FILE))
+    print(f"\nTo reload the route table, edit {routes_file} and run:")
+    print(f"  kill -HUP {authz.pid if authz else '<hasp-authz pid>'}")
     print("\nPress Ctrl-C to stop.\n", flush=True)
 
 
