@@ -370,12 +370,16 @@ def test_deny_lines_rate_limited(start_server, ready_copy) -> None:
     lines = json_lines(server)
     denies = [line for line in lines if line.get("event") == "deny"]
     suppressed = [
-        line for line in lines if line.get("event") == "deny_lines_suppressed"
+        line["suppressed"]
+        for line in lines
+        if line.get("event") == "deny_lines_suppressed"
     ]
+    # The bucket refills while the burst runs, so a slow machine may log a
+    # few more lines and report the suppressed ones in more than one count.
     assert len(denies) < 60
-    assert len(suppressed) == 1
-    # Every deny is either a line or part of the suppressed count.
-    assert len(denies) + suppressed[0]["suppressed"] == 61
+    assert suppressed
+    # Every deny is either a line or part of a suppressed count.
+    assert len(denies) + sum(suppressed) == 61
     assert (
         sample(
             server, "hasp_authz_decisions_total", code="INVALID_API_KEY", route="none"

@@ -594,7 +594,7 @@ def test_load_route_table_rejects_directory(tmp_path):
     with pytest.raises(RouteFileError) as caught:
         load_route_table(tmp_path)
 
-    assert f"cannot read route file {tmp_path}" in str(caught.value)
+    assert f"route file {tmp_path} is not a regular file" in str(caught.value)
 
 
 def test_load_route_table_rejects_non_utf8_file(tmp_path):

@@ -13,31 +13,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
+from hasp_authz.yaml_files import YamlFileError, read_yaml
 
 
 class ConfigFileError(ValueError):
     """The configuration file is unreadable or invalid. The message names it."""
 
 
-def load_config_file(path: Path | str, names: Iterable[str]) -> dict[str, object]:
+def load_config_file(
+    path: Path | str, names: Iterable[str], text_names: Iterable[str] = ()
+) -> dict[str, object]:
     """Return the settings in the YAML file at ``path``, keyed by setting name.
 
-    ``names`` lists the valid setting names. An empty file yields no settings.
-    Raises ConfigFileError.
+    ``names`` lists the valid setting names, and ``text_names`` those whose
+    values are text, where a YAML boolean is an error. An empty file yields no
+    settings. Raises ConfigFileError.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigFileError(
-            f"cannot read configuration file {path}: {error}"
-        ) from error
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigFileError(
-            f"configuration file {path} is not valid YAML: {error}"
-        ) from error
+        document = read_yaml(path, "configuration file")
+    except YamlFileError as error:
+        raise ConfigFileError(str(error)) from error
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -45,11 +40,14 @@ def load_config_file(path: Path | str, names: Iterable[str]) -> dict[str, object
             f"configuration file {path} must be a mapping of setting names to "
             f"values, got {type(document).__name__}"
         )
-    return _checked(document, path, frozenset(names))
+    return _checked(document, path, frozenset(names), frozenset(text_names))
 
 
 def _checked(
-    document: dict, path: Path | str, valid: frozenset[str]
+    document: dict,
+    path: Path | str,
+    valid: frozenset[str],
+    text_names: frozenset[str],
 ) -> dict[str, object]:
     values: dict[str, object] = {}
     for name, value in document.items():
@@ -62,6 +60,13 @@ def _checked(
             raise ConfigFileError(
                 f"configuration file {path}: {name} must be a single value "
                 "(string, number or boolean)"
+            )
+        if isinstance(value, bool) and name in text_names:
+            # YAML 1.1 reads an unquoted off, no or false as a boolean.
+            raise ConfigFileError(
+                f"configuration file {path}: {name} must be text; YAML read "
+                f"{value} as a boolean, so quote the value, for example "
+                f'{name}: "off"'
             )
         values[name] = value
     return values

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hasp_authz.scopes import SCOPES
+from hasp_authz.yaml_files import YamlFileError, read_yaml
 
 DEFAULT_ROUTES_FILE = Path(__file__).with_name("routes.yaml")
 
@@ -127,13 +126,9 @@ def load_route_table(path: Path | str = DEFAULT_ROUTES_FILE) -> RouteTable:
     """Read, validate and compile a route file. Raises RouteFileError."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise RouteFileError(f"cannot read route file {path}: {error}") from error
-    except UnicodeDecodeError as error:
-        raise RouteFileError(f"route file {path} is not UTF-8: {error}") from error
-    except yaml.YAMLError as error:
-        raise RouteFileError(f"route file {path} is not valid YAML: {error}") from error
+        document = read_yaml(path, "route file")
+    except YamlFileError as error:
+        raise RouteFileError(str(error)) from error
     try:
         return parse_route_table(document)
     except RouteFileError as error:
