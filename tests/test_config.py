@@ -162,6 +162,11 @@ def test_load_settings_flag_replaces_invalid_environment():
         "redis://[::1]:6379/0",
         "unix:///var/run/redis/redis.sock?db=2",
         "REDIS://127.0.0.1:6379/0",
+        "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/0",
+        "redis+sentinel://:s3cret@sentinel/mymaster?sentinel_password=other",
+        "rediss+sentinel://[::1]:26379/mymaster",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002",
+        "rediss+cluster://user:s3cret@cache-0:6379",
     ],
 )
 def test_load_settings_accepts_redis_url(url):
@@ -313,6 +318,10 @@ def test_load_settings_error_says_expected_form():
         "redis://:s3cret@127.0.0.1:notaport/0",
         "redis://user:s3cret@127.0.0.1:6379/0?db=zero",
         "redis://:s3cret@[::1/0",
+        "redis+sentinel://:s3cret@127.0.0.1:26379",
+        "redis+sentinel://:s3cret@127.0.0.1:26379/svc/x?sentinel_password=s3cret",
+        "redis+cluster://:s3cret@127.0.0.1:7000/3",
+        "redis+cluster://user:s3cret@127.0.0.1:notaport",
     ],
 )
 def test_load_settings_error_hides_password(url):
@@ -321,6 +330,23 @@ def test_load_settings_error_hides_password(url):
 
     assert "s3cret" not in str(caught.value)
     assert "HASP_REDIS_URL" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "example"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "redis+sentinel://127.0.0.1:26379,"),
+        ("redis+cluster://127.0.0.1:7000/5", "redis+cluster://127.0.0.1:7000,"),
+        ("redis://127.0.0.1:notaport/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_load_settings_redis_url_error_shows_example(url, example):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"redis_url": url}, environ={})
+
+    message = str(caught.value)
+    assert message.startswith("HASP_REDIS_URL=")
+    assert f"expected a URL such as {example}" in message
 
 
 @pytest.mark.parametrize(
@@ -340,6 +366,27 @@ def test_load_settings_error_hides_password(url):
         ("redis://app@cache:6379/0", "redis://app@cache:6379/0"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        (
+            "redis+sentinel://:s3cret@h1:26379,h2:26379/mymaster/0",
+            "redis+sentinel://:***@h1:26379,h2:26379/mymaster/0",
+        ),
+        (
+            "redis+sentinel://app:s3cret@h1,h2/mymaster?sentinel_password=s3cret",
+            "redis+sentinel://app:***@h1,h2/mymaster?sentinel_password=***",
+        ),
+        (
+            "redis+sentinel://h1:26379/mymaster?sentinel_password=s3cret",
+            "redis+sentinel://h1:26379/mymaster?sentinel_password=***",
+        ),
+        (
+            "rediss+cluster://:s3cret@[::1]:7000,[::2]:7000",
+            "rediss+cluster://:***@[::1]:7000,[::2]:7000",
+        ),
+        (
+            "redis+cluster://app:s3cret@h1:7000,h2:7001,h3:7002",
+            "redis+cluster://app:***@h1:7000,h2:7001,h3:7002",
+        ),
+        ("redis+cluster://h1:7000,h2:7001", "redis+cluster://h1:7000,h2:7001"),
     ],
 )
 def test_redact_url(url, redacted):
@@ -352,6 +399,9 @@ def test_redact_url(url, redacted):
         "redis://:s3cret@127.0.0.1:6379/0",
         "redis://app:s3cret@127.0.0.1:6379/0",
         "redis://127.0.0.1:6379/0?password=s3cret",
+        "redis+sentinel://:s3cret@h1:26379,h2:26379/mymaster/0",
+        "redis+sentinel://h1:26379/mymaster/0?sentinel_password=s3cret",
+        "redis+cluster://:s3cret@h1:7000,h2:7001",
     ],
 )
 def test_settings_repr_redacts_redis_password(url):
@@ -466,3 +516,59 @@ def test_metrics_listen_off(value: str):
 def test_operations_settings_rejected(variable: str, value: str):
     with pytest.raises(ConfigError, match=f"{variable}={value!r} is invalid"):
         load_settings({}, environ={variable: value})
+
+
+def test_config_file_unquoted_off_explains_quoting(tmp_path: Path):
+    config = tmp_path / "hasp.yaml"
+    config.write_text("metrics_listen: off\n")
+
+    with pytest.raises(
+        ConfigError, match='quote the value, for example metrics_listen: "off"'
+    ):
+        load_settings({}, environ={"HASP_CONFIG_FILE": str(config)})
+
+
+def test_config_file_quoted_off(tmp_path: Path):
+    config = tmp_path / "hasp.yaml"
+    config.write_text('metrics_listen: "off"\n')
+
+    settings = load_settings({}, environ={"HASP_CONFIG_FILE": str(config)})
+
+    assert settings.metrics_listen == "off"
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://:ab/hunter2@127.0.0.1:6379/0", "hunter2"),
+        ("redis://:ab?hunter2@127.0.0.1:6379/0", "hunter2"),
+        ("redis://:ab#hunter2@127.0.0.1:6379/0", "hunter2"),
+        ("redis://127.0.0.1:6379/0?PASSWORD=hunter2", "hunter2"),
+        ("redis://127.0.0.1:6379/0?pass%77ord=hunter2", "hunter2"),
+        ("redis://127.0.0.1:6379/0?password=hunt@er2", "hunt"),
+        ("not a url with hunter2@host", "hunter2"),
+    ],
+)
+def test_redact_url_hides_awkward_passwords(url: str, secret: str):
+    assert secret not in redact_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?foo=bar",
+        "redis://127.0.0.1:6379/0?socket_timout=1",
+        "unix:///run/redis.sock?db=1&colour=red",
+    ],
+)
+def test_load_settings_rejects_unknown_query_parameter(url: str):
+    with pytest.raises(ConfigError, match="unknown query parameter"):
+        load_settings({}, environ={"HASP_REDIS_URL": url})
+
+
+def test_load_settings_error_hides_unencoded_password():
+    url = "redis://:ab/hunter2@127.0.0.1:notaport/0"
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings({}, environ={"HASP_REDIS_URL": url})
+    assert "hunter2" not in str(caught.value)

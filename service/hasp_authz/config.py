@@ -14,12 +14,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-from redis.connection import parse_url
+from urllib.parse import unquote
 
 from hasp_authz.config_file import ConfigFileError, load_config_file
 from hasp_authz.records import DEFAULT_PREFIX
+from hasp_authz.redis_clients import example_for, parse_redis_url
 from hasp_authz.routes import DEFAULT_ROUTES_FILE
 
 
@@ -77,31 +76,45 @@ class Settings:
 ENVIRONMENT = {item.name: f"HASP_{item.name.upper()}" for item in fields(Settings)}
 
 
-# redis-py also takes the password from a ``password=`` query parameter.
-_QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)[^&]*")
+# A query parameter whose name, decoded and in lower case, ends in "password":
+# redis-py's ``password=`` and redis+sentinel://'s ``sentinel_password=``.
+_QUERY_PARAMETER_RE = re.compile(r"(?:^|(?<=[?&]))([^&=#]*)=([^&#]*)")
 
 
 def redact_url(url: str) -> str:
     """Return ``url`` with any password, in the user info or the query, as ``***``.
 
-    The host and port are kept as written. A URL that cannot be split at all
-    comes back as ``<invalid URL>``, so an error message never shows its password.
+    The host and port are kept as written when the URL is well formed. The
+    user info ends at the last ``@``, so a password that contains an
+    unencoded ``/``, ``?``, ``#`` or ``@`` is still hidden, even at the cost of
+    hiding more than the password.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid URL>"
-    user_info, at, host = parts.netloc.rpartition("@")
-    query = _QUERY_PASSWORD_RE.sub(r"\1***", parts.query)
-    if ":" not in user_info and query == parts.query:
-        return url
-    if ":" in user_info:
-        user_info = user_info.partition(":")[0] + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user_info}{at}{host}", query=query))
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "<invalid URL>" if "@" in url or "password" in url.lower() else url
+    user_info, at, after = rest.rpartition("@")
+    if at and ":" in user_info:
+        rest = user_info.partition(":")[0] + ":***@" + after
+    base, question, query = rest.partition("?")
+    if question:
+        rest = base + "?" + _QUERY_PARAMETER_RE.sub(_redact_parameter, query)
+    return f"{scheme}://{rest}"
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if unquote(name).lower().endswith("password"):
+        return f"{name}=***"
+    return match.group(0)
 
 
 # Value of HASP_METRICS_LISTEN that turns the HTTP server off.
 METRICS_OFF = "off"
+# Settings whose values are text, where the settings file must quote a value
+# that YAML would read as a boolean (off, no, false).
+TEXT_SETTINGS = tuple(
+    item.name for item in fields(Settings) if isinstance(item.default, str)
+)
 
 
 def load_settings(
@@ -123,7 +136,7 @@ def load_settings(
     if config_file:
         file_names = [name for name in ENVIRONMENT if name != "config_file"]
         try:
-            from_file = load_config_file(str(config_file), file_names)
+            from_file = load_config_file(str(config_file), file_names, TEXT_SETTINGS)
         except ConfigFileError as error:
             raise ConfigError(str(error)) from error
         values = {**from_file, **values}
@@ -235,14 +248,14 @@ def _log_format(value: str) -> str:
 
 
 def _redis_url(value: str) -> str:
-    # Parse as redis-py will at start-up, so a bad port or db query value is a
-    # ConfigError here and not a traceback from the server.
+    # Parse as the server will at start-up, so a bad port or db query value is
+    # a ConfigError here and not a traceback from the server.
     try:
-        parse_url(value)
+        parse_redis_url(value)
     except ValueError as error:
         raise ConfigError(
             f"{ENVIRONMENT['redis_url']}={redact_url(value)!r} is invalid ({error}); "
-            "expected a URL such as redis://127.0.0.1:6379/0"
+            f"expected a URL such as {example_for(value)}"
         ) from error
     return value
 

@@ -25,6 +25,17 @@ copy is then read from Redis and answered with 503, never from stale entries.
 A server that rejects CLIENT TRACKING (an ACL, a proxy) leaves the subscription
 down, so the cache stays bypassed and the warning names the error.
 
+Tracking reports the changes made on the server it is enabled on. With
+Sentinel the subscription is on the primary. A failover ends it, because
+the old primary has died or Sentinel closes its client connections while
+demoting it, and the next subscription queries the Sentinels for the new
+primary. On a Redis Cluster the subscription is on the primary that serves
+the marker's hash slot, found anew for each subscription.
+NOTE: if that slot is moved to another node while the subscription stays up
+(resharding), marker changes are not reported until the subscription is set
+up again. Change messages still arrive, because a cluster forwards each
+PUBLISH to the subscribers on every node.
+
 While the subscription is down the cache is bypassed, because messages
 published meanwhile are lost. The subscriber clears the cache on loss,
 reconnects with exponential backoff (0.1 s doubling to 2 s), and clears it once
@@ -51,6 +62,12 @@ from redis.backoff import ExponentialBackoff
 from hasp_authz.cache import RecordCache
 from hasp_authz.config import redact_url
 from hasp_authz.records import RedisLayout
+from hasp_authz.redis_clients import (
+    CLUSTER,
+    close_async_client,
+    node_client_for_key,
+    parse_redis_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +192,9 @@ class ChangeSubscriber:
         keepalive_seconds: float = KEEPALIVE_SECONDS,
         on_change: Callable[[float | None], None] | None = None,
     ):
-        # NOTE: RESP2 on purpose. Under RESP3 (redis-py's default) Redis sends
-        # tracking invalidations as push replies, which PubSub does not return.
-        self.client = redis.Redis.from_url(
-            redis_url,
-            protocol=2,
-            retry=None,
-            socket_timeout=CONNECTION_TIMEOUT_SECONDS,
-            socket_connect_timeout=CONNECTION_TIMEOUT_SECONDS,
-        )
+        self.target = parse_redis_url(redis_url)
+        # Created by each subscription, on the server that stores the marker.
+        self.client: redis.Redis | None = None
         self.redis_url = redact_url(redis_url)
         self.layout = layout
         self.cache = cache
@@ -207,16 +218,40 @@ class ChangeSubscriber:
             self.failures += 1
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await close_async_client(self.client)
+            self.client = None
 
     async def _subscribe_and_listen(self) -> None:
         # The new subscription covers any failure reported before this point.
         self.cache.redis_failed = False
-        async with self.client.pubsub() as pubsub:
+        client = await self._connect()
+        async with client.pubsub() as pubsub:
             await pubsub.connect()
             await self._track_marker(pubsub.connection)
             await pubsub.subscribe(self.layout.changes_channel, TRACKING_CHANNEL)
             await self._listen(pubsub)
+
+    async def _connect(self) -> redis.Redis:
+        """Return a client on the server that stores the completeness marker.
+
+        On a cluster the client is made anew for each subscription, from a
+        fresh slot map, so a subscription after a failover finds the new
+        primary. A Sentinel client queries the Sentinels on every new
+        connection anyway, so it is kept.
+        """
+        if self.client is not None and self.target.mode != CLUSTER:
+            return self.client
+        await self.close()
+        # NOTE: RESP2 on purpose. Under RESP3 (redis-py's default) Redis sends
+        # tracking invalidations as push replies, which PubSub does not return.
+        self.client = await node_client_for_key(
+            self.target,
+            self.layout.complete_marker,
+            timeout=CONNECTION_TIMEOUT_SECONDS,
+            protocol=2,
+        )
+        return self.client
 
     async def _track_marker(self, connection: Connection) -> None:
         """Have Redis send this connection an invalidation when the marker changes."""

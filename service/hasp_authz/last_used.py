@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
 from hasp_authz.records import RedisLayout
+from hasp_authz.redis_clients import REDIS_ERRORS, AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ ZADD_BATCH_SIZE = 1000
 class LastUsedRecorder:
     """Coalesces key last-used times in memory and flushes them to Redis."""
 
-    def __init__(self, client: redis.Redis, layout: RedisLayout):
+    def __init__(self, client: AsyncClient, layout: RedisLayout):
         self.client = client
         self.layout = layout
         self.pending: dict[str, float] = {}
@@ -54,7 +52,7 @@ class LastUsedRecorder:
         batch, self.pending = self.pending, {}
         try:
             await self._write(batch)
-        except RedisError as error:
+        except REDIS_ERRORS as error:
             self._restore(batch)
             self._log_failure(len(batch), error)
             return False
@@ -89,7 +87,7 @@ class LastUsedRecorder:
         for key_id, used_at in batch.items():
             self.record(key_id, used_at)
 
-    def _log_failure(self, count: int, error: RedisError) -> None:
+    def _log_failure(self, count: int, error: Exception) -> None:
         if self._failure_logged:
             log.debug(
                 "last-used flush failed again: %s: %s", type(error).__name__, error

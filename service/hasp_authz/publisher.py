@@ -5,7 +5,26 @@
 copy from the store, deletes records the store no longer has, and then sets the
 complete marker. The record layout and the messages come from ``records``. Each
 message carries its publish time (``time.time()`` just before the Redis
-transaction), so servers can measure how long a change took to reach them.
+script that writes the record and publishes it), so servers can measure how
+long a change took to reach them.
+
+The same writes serve one server, Sentinel and Redis Cluster. A record and its
+change message go to Redis as one Lua script with the record as its only key,
+so they run together on the server that stores the record. No subscriber
+receives the message without the write, and a Redis that fails takes neither.
+A MULTI transaction would do the same on one server, but redis-py rejects
+PUBLISH in a cluster pipeline. A cluster forwards a PUBLISH made in a script
+to the subscribers on every node. Records of different slots are not written
+atomically together, so the order of the writes keeps every intermediate
+state safe for the Check path (store.py):
+
+- a full sync writes every org before any key, so no key record names an org
+  that is not there yet; it deletes stale key records before stale org
+  records, for the same reason;
+- the completeness marker is written last, with the full-sync message, so a
+  server that finds the marker reads a complete copy;
+- ``hasp-keys create`` runs after the org exists, because the store requires
+  it, and the org record was written when the org was created.
 
 Redis errors become PublishError, whose message names the server as host:port and
 never contains the password from the URL.
@@ -21,7 +40,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -33,6 +51,16 @@ from hasp_authz.records import (
     flush_message,
     key_changed_message,
     org_changed_message,
+)
+from hasp_authz.redis_clients import (
+    REDIS_ERRORS,
+    RedisTarget,
+    SyncClient,
+    describe_sync_client,
+    example_for,
+    parse_redis_url,
+    sync_client,
+    sync_client_password,
 )
 
 DEFAULT_TIMEOUT = 5.0
@@ -60,34 +88,44 @@ class SyncResult:
     synced_at: float
 
 
-def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> redis.Redis:
-    """Create a client for ``url`` without connecting yet.
+def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> SyncClient:
+    """Create a client for ``url``; only a cluster client connects at once.
 
-    ``timeout`` in seconds bounds both the connect and each command. A failed
-    connection is retried twice with a short backoff, so an unreachable server
-    fails within a few timeouts. Raises InvalidRedisUrl for a malformed URL.
+    ``url`` has any form that redis_clients.parse_redis_url takes. ``timeout``
+    in seconds bounds both the connect and each command. A failed connection
+    is retried twice with a short backoff, so an unreachable server fails
+    within a few timeouts. Raises InvalidRedisUrl for a malformed URL, and
+    PublishError when no node of a cluster replies.
     """
+    target = check_redis_url(url)
     try:
-        return redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+        return sync_client(
+            target,
+            timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            decode_responses=True,
         )
+    except REDIS_ERRORS as exc:
+        detail = _without_password(str(exc) or type(exc).__name__, target.password)
+        raise PublishError(f"Redis at {target.address} failed: {detail}") from exc
+
+
+def check_redis_url(url: str) -> RedisTarget:
+    """Parse ``url`` without connecting. Raises InvalidRedisUrl for a bad URL."""
+    try:
+        return parse_redis_url(url)
     except ValueError as exc:
         detail = _without_password(str(exc), _url_password(url))
         raise InvalidRedisUrl(
-            f"invalid Redis URL ({detail}), expected redis://host:port/db"
+            f"invalid Redis URL in HASP_REDIS_URL or --redis-url ({detail}); "
+            f"expected a URL such as {example_for(url)}"
         ) from None
 
 
-def redis_address(client: redis.Redis) -> str:
-    """Return the server of ``client`` as host:port, or the socket path."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return str(kwargs["path"])
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+def redis_address(client: SyncClient) -> str:
+    """Return the server of ``client`` as host:port, the socket path, or the
+    Sentinel service or cluster it belongs to."""
+    return describe_sync_client(client)
 
 
 def key_record(key: ApiKey) -> KeyRecord:
@@ -99,10 +137,24 @@ def org_record(org: Org) -> OrgRecord:
     return OrgRecord(org.org_id, org.baa_active)
 
 
+# KEYS[1] is a record. ARGV[1] is its JSON, or empty to delete the record;
+# records are never empty. ARGV[2] is the change channel and ARGV[3] the
+# message. Returns the number of subscribers on this node, which on a cluster
+# is not the number that the message reaches.
+WRITE_AND_PUBLISH_SCRIPT = """
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return redis.call('PUBLISH', ARGV[2], ARGV[3])
+"""
+
+
 class Publisher:
     """Update single records in the Redis copy and publish each change."""
 
-    def __init__(self, client: redis.Redis, layout: RedisLayout):
+    def __init__(self, client: SyncClient, layout: RedisLayout):
         self.client = client
         self.layout = layout
 
@@ -111,39 +163,51 @@ class Publisher:
         if not key.active:
             self.remove_key(key.key_hash)
             return
-        with redis_errors(self.client):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.layout.key(key.key_hash), key_record(key).to_json())
-            pipe.publish(
-                self.layout.changes_channel,
-                key_changed_message(key.key_hash, at=time.time()),
-            )
-            pipe.execute()
+        self._write(
+            self.layout.key(key.key_hash),
+            key_record(key).to_json(),
+            key_changed_message(key.key_hash, at=time.time()),
+        )
 
     def remove_key(self, key_hash: str) -> None:
-        with redis_errors(self.client):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(self.layout.key(key_hash))
-            pipe.publish(
-                self.layout.changes_channel,
-                key_changed_message(key_hash, at=time.time()),
-            )
-            pipe.execute()
+        self._write(
+            self.layout.key(key_hash), "", key_changed_message(key_hash, at=time.time())
+        )
 
     def publish_org(self, org: Org) -> None:
+        self._write(
+            self.layout.org(org.org_id),
+            org_record(org).to_json(),
+            org_changed_message(org.org_id, at=time.time()),
+        )
+
+    def remove_org(self, org_id: str) -> None:
+        """Delete an org's record, for an org that is gone from the store."""
+        self._write(
+            self.layout.org(org_id), "", org_changed_message(org_id, at=time.time())
+        )
+
+    def _write(self, name: str, value: str, message: str) -> None:
         with redis_errors(self.client):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.layout.org(org.org_id), org_record(org).to_json())
-            pipe.publish(
-                self.layout.changes_channel,
-                org_changed_message(org.org_id, at=time.time()),
-            )
-            pipe.execute()
+            write_and_publish(self.client, name, value, self.layout, message)
+
+
+def write_and_publish(
+    client: SyncClient,
+    name: str,
+    value: str,
+    layout: RedisLayout,
+    message: str,
+) -> None:
+    """Set record ``name`` to ``value``, or delete it when ``value`` is empty,
+    and publish ``message`` on the change channel, in one script."""
+    script = client.register_script(WRITE_AND_PUBLISH_SCRIPT)
+    script(keys=[name], args=[value, layout.changes_channel, message])
 
 
 def full_sync(
     store: KeyStore,
-    redis_client: redis.Redis,
+    redis_client: SyncClient,
     layout: RedisLayout,
     batch_size: int = BATCH_SIZE,
 ) -> SyncResult:
@@ -157,7 +221,7 @@ def full_sync(
     """
     with redis_errors(redis_client):
         records = _store_records(store, layout)
-        _write(redis_client, records, batch_size)
+        _write(redis_client, records, layout, batch_size)
         removed = _delete_stale(redis_client, layout, records, batch_size)
         records, removed_later = _settle(
             store, redis_client, layout, records, batch_size
@@ -184,7 +248,7 @@ def _store_records(store: KeyStore, layout: RedisLayout) -> dict[str, str]:
 
 def _settle(
     store: KeyStore,
-    client: redis.Redis,
+    client: SyncClient,
     layout: RedisLayout,
     written: dict[str, str],
     batch_size: int,
@@ -202,8 +266,8 @@ def _settle(
             name: value for name, value in latest.items() if written.get(name) != value
         }
         deleted = [name for name in written if name not in latest]
-        _write(client, changed, batch_size)
-        _delete(client, deleted, batch_size)
+        _write(client, changed, layout, batch_size)
+        _delete(client, deleted, layout, batch_size)
         removed += len(deleted)
         written = latest
     raise PublishError(
@@ -212,21 +276,50 @@ def _settle(
     )
 
 
-def _write(client: redis.Redis, records: dict[str, str], batch_size: int) -> None:
-    for batch in _batches(list(records.items()), batch_size):
-        pipe = client.pipeline(transaction=False)
-        for name, value in batch:
-            pipe.set(name, value)
-        pipe.execute()
+def _write(
+    client: SyncClient,
+    records: dict[str, str],
+    layout: RedisLayout,
+    batch_size: int,
+) -> None:
+    """Write ``records``, every org record before the first key record.
+
+    A batch is a non-transactional pipeline, which redis-py splits by node on
+    a cluster, and ``execute`` returns once every node has replied.
+    """
+    org_prefix = layout.org("")
+    orgs = [item for item in records.items() if item[0].startswith(org_prefix)]
+    others = [item for item in records.items() if not item[0].startswith(org_prefix)]
+    for items in (orgs, others):
+        for batch in _batches(items, batch_size):
+            pipe = client.pipeline(transaction=False)
+            for name, value in batch:
+                pipe.set(name, value)
+            pipe.execute()
 
 
-def _delete(client: redis.Redis, names: list[str], batch_size: int) -> None:
-    for batch in _batches(names, batch_size):
-        client.delete(*batch)
+def _delete(
+    client: SyncClient,
+    names: list[str],
+    layout: RedisLayout,
+    batch_size: int,
+) -> None:
+    """Delete ``names``, every key record before the first org record."""
+    org_prefix = layout.org("")
+    orgs = [name for name in names if name.startswith(org_prefix)]
+    others = [name for name in names if not name.startswith(org_prefix)]
+    for group in (others, orgs):
+        for batch in _batches(group, batch_size):
+            # DEL of names in several slots: redis-py's cluster client splits
+            # it into one DEL per slot.
+            client.delete(*batch)
 
 
 def _delete_stale(
-    client: redis.Redis, layout: RedisLayout, keep: dict[str, str], batch_size: int
+    client: SyncClient,
+    layout: RedisLayout,
+    keep: dict[str, str],
+    batch_size: int,
 ) -> int:
     """Delete the key and org records missing from ``keep``.
 
@@ -242,12 +335,14 @@ def _delete_stale(
                 name = name.decode()
             if name not in keep:
                 stale.add(name)
-    _delete(client, sorted(stale), batch_size)
+    _delete(client, sorted(stale), layout, batch_size)
     return len(stale)
 
 
 def _mark_complete(
-    client: redis.Redis, layout: RedisLayout, result: SyncResult
+    client: SyncClient,
+    layout: RedisLayout,
+    result: SyncResult,
 ) -> None:
     marker = json.dumps(
         {
@@ -258,19 +353,18 @@ def _mark_complete(
         },
         separators=(",", ":"),
     )
-    pipe = client.pipeline(transaction=True)
-    pipe.set(layout.complete_marker, marker)
-    pipe.publish(layout.changes_channel, flush_message(at=time.time()))
-    pipe.execute()
+    write_and_publish(
+        client, layout.complete_marker, marker, layout, flush_message(at=time.time())
+    )
 
 
 @contextmanager
-def redis_errors(client: redis.Redis) -> Iterator[None]:
+def redis_errors(client: SyncClient) -> Iterator[None]:
     """Convert redis-py errors into PublishError naming the server."""
     try:
         yield
-    except redis.RedisError as exc:
-        password = client.connection_pool.connection_kwargs.get("password")
+    except REDIS_ERRORS as exc:
+        password = sync_client_password(client)
         detail = _without_password(str(exc) or type(exc).__name__, password)
         raise PublishError(
             f"Redis at {redis_address(client)} failed: {detail}"

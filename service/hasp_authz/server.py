@@ -22,7 +22,7 @@ import logging
 import signal
 
 import grpc
-import redis.asyncio as redis
+import redis.asyncio.cluster as redis_cluster
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hasp_authz.authorizer import Authorizer
@@ -35,6 +35,12 @@ from hasp_authz.metrics import Metrics
 from hasp_authz.ops_http import OpsHttpServer, ReadinessProbe
 from hasp_authz.proto import envoy_service_auth_v3_pb2_grpc as auth_grpc
 from hasp_authz.records import RedisLayout
+from hasp_authz.redis_clients import (
+    AsyncClient,
+    async_client,
+    close_async_client,
+    parse_redis_url,
+)
 from hasp_authz.reload import RouteReloader
 from hasp_authz.routes import RouteTable, load_route_table
 from hasp_authz.servicer import AuthorizationServicer
@@ -48,48 +54,46 @@ BACKGROUND_TIMEOUT_SECONDS = 2.0
 FINAL_FLUSH_TIMEOUT_SECONDS = 5.0
 
 
-def build_redis_client(settings: Settings) -> redis.Redis:
+def build_redis_client(settings: Settings) -> AsyncClient:
     """Create the Check path's Redis client with deliberate timeouts and pool size.
 
     Connect, read and write each time out after HASP_REDIS_TIMEOUT_MS. The pool
-    has at most HASP_REDIS_MAX_CONNECTIONS connections. It is redis-py's
-    BlockingConnectionPool, so a Check that finds every connection busy waits
-    for one, up to one Redis timeout and never past its own deadline. The
-    default ConnectionPool would fail that Check at once, even when a
-    connection comes free a moment later. redis-py retries nothing here: the
-    one retry of a failed connection is store.RedisKeyCopy's, which knows the
-    Check's deadline.
+    has at most HASP_REDIS_MAX_CONNECTIONS connections. For one server and for
+    Sentinel it is a blocking pool (redis-py's BlockingConnectionPool, or
+    redis_clients.BlockingSentinelConnectionPool), so a Check that finds every
+    connection busy waits for one, up to one Redis timeout and never past its
+    own deadline. The default pool would fail that Check at once, even when a
+    connection comes free a moment later. On a cluster the limit applies to
+    each node and a Check past it fails at once, because redis-py's cluster
+    client has no blocking pool. redis-py retries nothing here: the one retry
+    of a failed connection is store.RedisKeyCopy's, which knows the Check's
+    deadline.
     """
     timeout = settings.redis_timeout_ms / 1000
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
+    return async_client(
+        parse_redis_url(settings.redis_url),
         timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=None,
+        max_connections=settings.redis_max_connections,
+        blocking=True,
         health_check_interval=0,
     )
-    return redis.Redis.from_pool(pool)
 
 
-def build_background_client(settings: Settings) -> redis.Redis:
+def build_background_client(settings: Settings) -> AsyncClient:
     """Create the client for last-used flushes, apart from the Check path's pool.
 
     A slow flush then never takes a connection that a Check is waiting for.
     """
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=BACKGROUND_TIMEOUT_SECONDS,
-        socket_connect_timeout=BACKGROUND_TIMEOUT_SECONDS,
+    return async_client(
+        parse_redis_url(settings.redis_url),
+        timeout=BACKGROUND_TIMEOUT_SECONDS,
         max_connections=2,
-        retry=None,
     )
 
 
 def build_key_lookup(
     settings: Settings,
-    client: redis.Redis,
+    client: AsyncClient,
     layout: RedisLayout,
     metrics: Metrics,
 ) -> tuple[KeyLookup, ChangeSubscriber | None, RecordCache | None]:
@@ -102,6 +106,9 @@ def build_key_lookup(
         layout,
         redis_timeout_seconds=settings.redis_timeout_ms / 1000,
         on_redis_error=metrics.observe_redis_error,
+        # Redis Cluster rejects the one-round-trip script, which reads an org
+        # record in a slot that it does not declare.
+        single_round_trip=not isinstance(client, redis_cluster.RedisCluster),
     )
     if settings.cache_size == 0:
         return copy, None, None
@@ -213,8 +220,8 @@ class AuthzService:
         await _final_flush(self.recorder)
         if self.subscriber is not None:
             await self.subscriber.close()
-        await self.background_client.aclose()
-        await self.client.aclose()
+        await close_async_client(self.background_client)
+        await close_async_client(self.client)
 
 
 async def serve(settings: Settings) -> None:

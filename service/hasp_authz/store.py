@@ -25,9 +25,13 @@ Round trips. A lookup is one round trip: a Lua script (EVALSHA) returns the
 completeness marker, the key record and the org record that the key names.
 The script reads the org key without declaring it in KEYS, which a standalone
 Redis allows (Sentinel included) but Redis Cluster does not, because the org
-key may live in another slot. With ``single_round_trip=False`` a lookup
-makes two round trips instead: one pipeline for the marker and the key
-record, then a GET of the org.
+key may live in another slot. With ``single_round_trip=False``, which the
+server sets for a ``redis+cluster://`` URL, a lookup makes two round trips
+instead: one non-transactional pipeline for the marker and the key record,
+then a GET of the org. On a cluster the pipeline goes to the nodes that serve
+the two slots, so the two reads are not taken at one instant. That is safe
+because the sync writes a key's org before the key and deletes the key before
+its org (publisher.py), and a key record without its org is a 503, not a 401.
 
 A Redis call cancelled at the deadline never leaves its reply for another
 request: redis-py 8.2's asyncio ``Connection.read_response`` and pipeline
@@ -44,10 +48,12 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError
 
 from hasp_authz.records import KeyRecord, OrgRecord, RedisLayout
+from hasp_authz.redis_clients import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 _Record = TypeVar("_Record", KeyRecord, OrgRecord)
@@ -103,13 +109,18 @@ class RedisKeyCopy:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         layout: RedisLayout,
         *,
         redis_timeout_seconds: float = 0.0,
         on_redis_error: Callable[[], None] | None = None,
         single_round_trip: bool = True,
     ):
+        if single_round_trip and isinstance(client, RedisCluster):
+            raise ValueError(
+                "Redis Cluster rejects the lookup script, which reads an org record "
+                "in an undeclared slot; pass single_round_trip=False"
+            )
         self.client = client
         self.layout = layout
         self._script = (
@@ -149,7 +160,7 @@ class RedisKeyCopy:
                     return await self._read(key_hash)
             except TimeoutError:
                 raise self._deadline_error(budget) from None
-            except RedisError as error:
+            except REDIS_ERRORS as error:
                 if attempt >= MAX_ATTEMPTS or not self._may_retry(error, deadline):
                     raise RedisUnavailable(
                         f"Redis failed: {_describe(error)}"
@@ -157,7 +168,7 @@ class RedisKeyCopy:
                 log.debug("retrying a Redis lookup after %s", _describe(error))
                 attempt += 1
 
-    def _may_retry(self, error: RedisError, deadline: float | None) -> bool:
+    def _may_retry(self, error: Exception, deadline: float | None) -> bool:
         if not _is_connection_failure(error):
             return False
         return self._remaining(deadline) >= self.redis_timeout_seconds
@@ -198,7 +209,7 @@ class RedisKeyCopy:
         return key, _parse(OrgRecord, raw_org)
 
 
-def _is_connection_failure(error: RedisError) -> bool:
+def _is_connection_failure(error: Exception) -> bool:
     """Return True for a failed connection, which is worth one retry.
 
     Returns False for overload (no free pooled connection) and slowness.

@@ -11,9 +11,17 @@ empty or was flushed) it reloads everything, and a periodic full sync removes
 records for keys that are gone from the store. Last-used times that the servers
 collect in Redis are copied into the store.
 
+A new primary also gets a full reload: the watcher compares the ``run_id`` of
+the primary (every primary, on a cluster) at each marker check. Redis
+replicates asynchronously, so a Sentinel or cluster failover can lose the
+last writes before it, and a cluster node that restarts empty loses its share
+of the records while the marker, stored on another node, stays. The reload
+restores both cases.
+
 Staleness bounds while Redis and the store are up: a change reaches Redis one
 poll interval (SQLite) or one round trip (PostgreSQL) after its commit. A lost
-copy is rebuilt within ``marker_check`` seconds plus the time of a full load.
+copy, or a new primary, is reloaded within ``marker_check`` seconds plus the
+time of a full load.
 """
 
 from __future__ import annotations
@@ -28,9 +36,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-import redis
-from redis.exceptions import RedisError
-
 from hasp_authz.keystore import (
     Change,
     KeyNotFound,
@@ -40,7 +45,13 @@ from hasp_authz.keystore import (
     open_keystore,
 )
 from hasp_authz.publisher import Publisher, PublishError, connect, full_sync
-from hasp_authz.records import RedisLayout, org_changed_message
+from hasp_authz.records import RedisLayout
+from hasp_authz.redis_clients import (
+    REDIS_ERRORS,
+    SyncClient,
+    close_sync_client,
+    primary_run_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +76,7 @@ class SyncWatcher:
     def __init__(
         self,
         store: KeyStore,
-        client: redis.Redis,
+        client: SyncClient,
         layout: RedisLayout,
         intervals: WatchIntervals = WatchIntervals(),
     ):
@@ -75,6 +86,8 @@ class SyncWatcher:
         self.intervals = intervals
         self.publisher = Publisher(client, layout)
         self.cursor = 0
+        # Run ids of the primaries that the last full sync wrote to.
+        self.primaries: frozenset[str] = frozenset()
         self.last_used_since = 0.0
         self._next_full_sync = 0.0
         self._next_marker_check = 0.0
@@ -87,7 +100,7 @@ class SyncWatcher:
         while not stop.is_set():
             try:
                 self.run_once()
-            except (RedisError, PublishError, KeyStoreError) as error:
+            except (*REDIS_ERRORS, PublishError, KeyStoreError) as error:
                 if not failing:
                     log.error("sync round failed, retrying: %s", error)
                 failing = True
@@ -110,6 +123,8 @@ class SyncWatcher:
             self._next_marker_check = now + self.intervals.marker_check
             if not self.client.exists(self.layout.complete_marker):
                 self.full_sync("the completeness marker is missing")
+            elif primary_run_ids(self.client) != self.primaries:
+                self.full_sync("a new Redis primary (failover or restart)")
         self.apply_changes()
         if time.monotonic() >= self._next_last_used:
             self._copy_last_used()
@@ -119,7 +134,11 @@ class SyncWatcher:
         """Reload everything. Changes logged from now on are applied after it."""
         cursor = self.store.latest_change_seq()
         started = time.monotonic()
+        # Read before the load: a failover during the load then shows up as
+        # a change at the next marker check, and the copy is loaded again.
+        primaries = primary_run_ids(self.client)
         result = full_sync(self.store, self.client, self.layout)
+        self.primaries = primaries
         self.cursor = max(self.cursor, cursor)
         now = time.monotonic()
         self._next_full_sync = now + self.intervals.full_sync
@@ -151,19 +170,11 @@ class SyncWatcher:
             try:
                 self.publisher.publish_org(self.store.get_org(change.org_id))
             except OrgNotFound:
-                self._remove_org(change.org_id)
+                self.publisher.remove_org(change.org_id)
         else:
             log.warning(
                 "skipping malformed change seq=%d kind=%s", change.seq, change.kind
             )
-
-    def _remove_org(self, org_id: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.layout.org(org_id))
-        pipe.publish(
-            self.layout.changes_channel, org_changed_message(org_id, at=time.time())
-        )
-        pipe.execute()
 
     def _copy_last_used(self) -> None:
         """Copy last-used times newer than the previous copy into the store."""
@@ -179,7 +190,7 @@ class SyncWatcher:
             }
             self.store.record_last_used(times)
             self.last_used_since = max(score for _, score in entries)
-        except (RedisError, KeyStoreError) as error:
+        except (*REDIS_ERRORS, KeyStoreError) as error:
             log.warning("copying last-used times failed, will retry: %s", error)
 
 
@@ -245,12 +256,39 @@ def watch(args: argparse.Namespace, settings: _Settings) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    client = connect(settings.redis_url, timeout=2.0)
+    client = _connect_until_stopped(settings.redis_url, stop, intervals)
+    if client is None:
+        log.info("sync watcher stopped before a Redis Cluster node replied")
+        return 0
     with closing(open_keystore(settings.keystore_url)) as store:
         watcher = SyncWatcher(
             store, client, RedisLayout(settings.redis_prefix), intervals
         )
         log.info("watching the key store for changes; %r", intervals)
         watcher.run(stop)
+    close_sync_client(client)
     log.info("sync watcher stopped")
     return 0
+
+
+def _connect_until_stopped(
+    url: str, stop: threading.Event, intervals: WatchIntervals
+) -> SyncClient | None:
+    """Create the watcher's client, retrying while no cluster node replies.
+
+    Only a cluster client connects when it is created; the others connect on
+    their first command and are retried by the watcher's rounds. Returns None
+    when ``stop`` is set first. Raises InvalidRedisUrl for a malformed URL.
+    """
+    delay = intervals.retry_min
+    failing = False
+    while not stop.is_set():
+        try:
+            return connect(url, timeout=2.0)
+        except PublishError as error:
+            if not failing:
+                log.error("connecting to Redis failed, retrying: %s", error)
+            failing = True
+        stop.wait(delay)
+        delay = min(delay * 2, intervals.retry_max)
+    return None

@@ -35,6 +35,7 @@ from hasp_authz.publisher import (
     InvalidRedisUrl,
     Publisher,
     PublishError,
+    check_redis_url,
     connect,
     full_sync,
     redis_address,
@@ -59,7 +60,11 @@ environment:
                      use sqlite:////absolute/path.db for an absolute one),
                      or postgresql://user:password@host:port/database, with
                      ?options=-csearch_path%3Dschema to choose the schema
-  HASP_REDIS_URL     Redis URL, default {DEFAULT_REDIS_URL}
+  HASP_REDIS_URL     Redis URL, default {DEFAULT_REDIS_URL};
+                     redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB
+                     for a Sentinel-managed primary, or
+                     redis+cluster://HOST:PORT[,HOST:PORT...] for a
+                     Redis Cluster
   HASP_REDIS_PREFIX  prefix of Redis key names and the channel, default
                      {DEFAULT_PREFIX}
   The --keystore-url, --redis-url and --redis-prefix flags override them.
@@ -254,16 +259,16 @@ def create_org(args: argparse.Namespace, settings: Settings) -> int:
     validate_org_id(args.org_id)
     if args.name is not None:
         validate_name(args.name, "org name")
-    publisher = _publisher(settings)
+    check_redis_url(settings.redis_url)
     with _open_store(settings) as store:
         org = store.create_org(args.org_id, args.name, baa_active=args.baa)
     print(f"created org {org.org_id} ({org.name!r}), BAA {_on_off(org.baa_active)}")
-    return _update_redis(lambda: publisher.publish_org(org))
+    return _update_redis(lambda: _publisher(settings).publish_org(org))
 
 
 def set_baa(args: argparse.Namespace, settings: Settings) -> int:
     validate_org_id(args.org_id)
-    publisher = _publisher(settings)
+    check_redis_url(settings.redis_url)
     with _open_store(settings) as store:
         org, changed = store.set_baa(args.org_id, args.state == "on")
     state = _on_off(org.baa_active)
@@ -271,7 +276,7 @@ def set_baa(args: argparse.Namespace, settings: Settings) -> int:
         print(f"org {org.org_id}: BAA {state}")
     else:
         print(f"org {org.org_id}: BAA was already {state}, nothing changed")
-    return _update_redis(lambda: publisher.publish_org(org), changed)
+    return _update_redis(lambda: _publisher(settings).publish_org(org), changed)
 
 
 def list_orgs(args: argparse.Namespace, settings: Settings) -> int:
@@ -292,7 +297,7 @@ def create_key(args: argparse.Namespace, settings: Settings) -> int:
     validate_org_id(args.org)
     validate_name(args.name, "key name")
     scopes = validate_scopes(args.scope)
-    publisher = _publisher(settings)
+    check_redis_url(settings.redis_url)
     token = generate_token()
     expires_at = None
     if args.expires_in is not None:
@@ -305,11 +310,11 @@ def create_key(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps({"token": token, **_key_json(key)}), flush=True)
     else:
         print(token, flush=True)
-    return _update_redis(lambda: publisher.publish_key(key))
+    return _update_redis(lambda: _publisher(settings).publish_key(key))
 
 
 def revoke_key(args: argparse.Namespace, settings: Settings) -> int:
-    publisher = _publisher(settings)
+    check_redis_url(settings.redis_url)
     with _open_store(settings) as store:
         key, changed = store.revoke_key(args.key_id)
     if changed:
@@ -319,7 +324,7 @@ def revoke_key(args: argparse.Namespace, settings: Settings) -> int:
             f"{key.key_id} was already revoked at {_time(key.revoked_at)}, "
             "nothing changed"
         )
-    return _update_redis(lambda: publisher.publish_key(key), changed)
+    return _update_redis(lambda: _publisher(settings).publish_key(key), changed)
 
 
 def list_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -385,6 +390,7 @@ def _open_store(settings: Settings) -> closing[KeyStore]:
 
 
 def _publisher(settings: Settings) -> Publisher:
+    """Create the publisher. Raises PublishError when no node of a cluster replies."""
     client = connect(settings.redis_url)
     return Publisher(client, RedisLayout(settings.redis_prefix))
 
