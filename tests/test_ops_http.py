@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,9 +14,16 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from hasp_authz import ops_http
 from hasp_authz.dev.redis_server import RedisServer
 from hasp_authz.metrics import Metrics
-from hasp_authz.ops_http import NOT_PROBED, OpsHttpServer, Readiness, ReadinessProbe
+from hasp_authz.ops_http import (
+    MAX_CONNECTIONS,
+    NOT_PROBED,
+    OpsHttpServer,
+    Readiness,
+    ReadinessProbe,
+)
 
 MARKER = "hasp:test:complete"
 
@@ -160,3 +170,83 @@ async def _wait_for_status(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"/readyz stayed {got} {body!r}, expected {status}")
         await asyncio.sleep(0.05)
+
+
+def test_head_returns_status_without_body(ops_server):
+    server, _, _ = ops_server
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/healthz", method="HEAD"
+    )
+
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == "3"
+        assert response.read() == b""
+
+
+def test_reset_connection_prints_no_traceback(ops_server, capfd):
+    server, _, _ = ops_server
+    for _ in range(5):
+        connection = socket.create_connection(("127.0.0.1", server.port))
+        # SO_LINGER 0 makes close() send a reset while the reply is written.
+        connection.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        connection.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        connection.close()
+
+    assert get(server.port, "/healthz") == (200, "ok\n")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_connection_cap_closes_extra_connections(ops_server):
+    server, _, _ = ops_server
+    idle = [
+        socket.create_connection(("127.0.0.1", server.port))
+        for _ in range(MAX_CONNECTIONS)
+    ]
+    try:
+        # Wait until the server has taken every idle connection.
+        deadline = time.monotonic() + 5
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        while extra.recv(1) != b"" and time.monotonic() < deadline:
+            pass
+        assert server.httpd.rejected >= 1
+    finally:
+        for connection in idle:
+            connection.close()
+    # The slots come back when the idle connections close.
+    deadline = time.monotonic() + 5
+    while get(server.port, "/healthz")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert get(server.port, "/healthz") == (200, "ok\n")
+
+
+def test_idle_connection_times_out(monkeypatch):
+    monkeypatch.setattr(ops_http, "REQUEST_TIMEOUT_SECONDS", 0.2)
+    metrics = Metrics()
+    server = OpsHttpServer("127.0.0.1:0", metrics.registry, lambda: NOT_PROBED)
+    server.start()
+    try:
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        # The server closes the idle connection instead of waiting forever.
+        assert connection.recv(1) == b""
+        connection.close()
+    finally:
+        server.stop()
+
+
+class BrokenClient:
+    """A client whose PING fails with an error that is not a Redis error."""
+
+    async def ping(self) -> None:
+        raise TypeError("a bug in the client")
+
+
+def test_probe_reports_unexpected_error(caplog):
+    probe = ReadinessProbe(BrokenClient(), MARKER)
+
+    result = asyncio.run(probe.probe())
+
+    assert result == Readiness(False, "readiness probe failed: TypeError")
+    assert "readiness probe failed" in caplog.text

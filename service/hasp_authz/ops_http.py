@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import redis.asyncio as redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from hasp_authz.redis_clients import REDIS_ERRORS, AsyncClient, ping_primaries
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class ReadinessProbe:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: AsyncClient,
         marker: str,
         subscription_live: Callable[[], bool] | None = None,
         *,
@@ -73,15 +75,24 @@ class ReadinessProbe:
             await asyncio.sleep(self.interval)
 
     async def probe(self) -> Readiness:
-        """Run one probe: PING, EXISTS on the marker, then the subscription flag."""
+        """Run one probe: PING, EXISTS on the marker, then the subscription flag.
+
+        On a Redis Cluster the PING goes to every primary, because each one
+        serves part of the keys.
+        """
         try:
             async with asyncio.timeout(self.interval):
-                await self.client.ping()
+                await ping_primaries(self.client)
                 marker_present = await self.client.exists(self.marker)
         except TimeoutError:
             return Readiness(False, f"Redis did not reply within {self.interval:g} s")
-        except redis.RedisError as error:
+        except REDIS_ERRORS as error:
             return Readiness(False, f"Redis unreachable: {type(error).__name__}")
+        except Exception as error:
+            # Any other failure must not end the probe task, or /readyz would
+            # keep its last result forever.
+            log.exception("readiness probe failed")
+            return Readiness(False, f"readiness probe failed: {type(error).__name__}")
         if not marker_present:
             return Readiness(
                 False, f"completeness marker {self.marker} missing; run hasp-keys sync"
@@ -102,6 +113,55 @@ class ReadinessProbe:
             log.warning("not ready: %s", result.reason)
 
 
+# Connections served at once. A scrape or a probe takes milliseconds, so more
+# than this many at once are idle or hostile, and the next one is closed at once
+# instead of taking another thread.
+MAX_CONNECTIONS = 32
+# Seconds a connection may take to send its request, so an idle or slow client
+# gives its thread back.
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer with a connection cap and one-line errors."""
+
+    daemon_threads = True
+    # The listen backlog; the stdlib default of 5 drops bursts of probes.
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.rejected = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.rejected += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # The stdlib prints a traceback to stderr for every connection that a
+        # client resets; one debug line in the log format is enough.
+        error = sys.exc_info()[1]
+        log.debug(
+            "ops http connection from %s failed: %s",
+            client_address[0],
+            type(error).__name__,
+        )
+
+
 class OpsHttpServer:
     """Serves /metrics, /healthz and /readyz from a daemon thread."""
 
@@ -114,8 +174,7 @@ class OpsHttpServer:
         host, _, port = listen.rpartition(":")
         handler = _handler_class(registry, readiness)
         # Raises OSError when the address is in use, before any thread starts.
-        self.httpd = ThreadingHTTPServer((host, int(port)), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((host, int(port)), handler)
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="hasp-ops-http", daemon=True
         )
@@ -139,6 +198,13 @@ def _handler_class(
 ) -> type[BaseHTTPRequestHandler]:
     class OpsHandler(BaseHTTPRequestHandler):
         server_version = "hasp-authz"
+        timeout = REQUEST_TIMEOUT_SECONDS
+        # True while answering HEAD: the same status and headers, no body.
+        _head_only = False
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the name is fixed by http.server
+            self._head_only = True
+            self.do_GET()
 
         def do_GET(self) -> None:  # noqa: N802 - the name is fixed by http.server
             path = self.path.partition("?")[0]
@@ -163,7 +229,8 @@ def _handler_class(
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not getattr(self, "_head_only", False):
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
             # Scrapes and probes arrive every few seconds; log them at debug only.

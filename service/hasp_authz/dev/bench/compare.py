@@ -52,6 +52,9 @@ OPTIONS = {
         baseline={"env": CACHE_OFF},
         variant={"env": {**CACHE_OFF, "PYTHONPATH": str(DEFAULT_HIREDIS_SITE)}},
     ),
+    "metrics server off, cache hit": Option(
+        "c", variant={"env": {"HASP_METRICS_LISTEN": "off"}}
+    ),
     "2 workers, cache hit": Option("c", variant={"workers": 2}),
     "2 workers, Redis hit": Option(
         "d", baseline={"env": CACHE_OFF}, variant={"env": CACHE_OFF, "workers": 2}
