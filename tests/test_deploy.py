@@ -721,7 +721,12 @@ def test_api_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
         }
     ]
-    assert policy_ports(policy["egress"]) == {("TCP", 6379), ("UDP", 53), ("TCP", 53)}
+    assert policy_ports(policy["egress"]) == {
+        ("TCP", 6379),
+        ("TCP", 26379),
+        ("UDP", 53),
+        ("TCP", 53),
+    }
 
 
 def test_sync_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -734,6 +739,7 @@ def test_sync_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert "ingress" not in policy
     assert policy_ports(policy["egress"]) == {
         ("TCP", 6379),
+        ("TCP", 26379),
         ("TCP", 5432),
         ("UDP", 53),
         ("TCP", 53),
