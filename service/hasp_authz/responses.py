@@ -106,6 +106,30 @@ def anonymous_allow_response(
 
 def deny_response(decision: Decision, *, request_id: str) -> auth_pb2.CheckResponse:
     """Deny with the documented JSON body and the outcome's extra headers."""
+    template, body_head, body_tail = _deny_template(decision)
+    response = auth_pb2.CheckResponse()
+    # Everything but the request id is the same for every Check with this
+    # decision, and a flood of bad keys repeats one decision many times.
+    response.CopyFrom(template)
+    escaped = json.dumps(request_id)[1:-1]
+    response.denied_response.body = body_head + escaped + body_tail
+    response.dynamic_metadata.fields["request_id"].string_value = request_id
+    return response
+
+
+# Stands in for the request id in a template body. JSON escapes its NUL
+# characters, so no message can contain the escaped form by accident.
+_REQUEST_ID_MARK = "\x00request_id\x00"
+_ESCAPED_MARK = json.dumps(_REQUEST_ID_MARK)[1:-1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _deny_template(decision: Decision) -> tuple[auth_pb2.CheckResponse, str, str]:
+    """Build a decision's deny response once, with its body split at the request id.
+
+    A Decision is immutable and hashable. The cache is bounded, because
+    decisions that name a key are as many as the keys that get them.
+    """
     kind = DENY_KINDS[decision.outcome]
     body = {
         "success": False,
@@ -114,29 +138,31 @@ def deny_response(decision: Decision, *, request_id: str) -> auth_pb2.CheckRespo
             "type": kind.type,
             "message": decision.message or kind.message,
             "retryable": kind.retryable,
-            "request_id": request_id,
+            "request_id": _REQUEST_ID_MARK,
         },
     }
+    body_head, _, body_tail = json.dumps(body, separators=(",", ":")).partition(
+        _ESCAPED_MARK
+    )
     headers = [_header("content-type", "application/json")]
     headers += [_header(name, value) for name, value in _extra_headers(decision)]
     denied = auth_pb2.DeniedHttpResponse(
-        status=type_pb2.HttpStatus(code=kind.status),
-        headers=headers,
-        body=json.dumps(body, separators=(",", ":")),
+        status=type_pb2.HttpStatus(code=kind.status), headers=headers
     )
     grpc_code = (
         _GRPC_UNAVAILABLE
         if decision.outcome is Outcome.AUTH_UNAVAILABLE
         else _GRPC_PERMISSION_DENIED
     )
-    metadata = {"code": decision.outcome.value, "request_id": request_id}
+    metadata = {"code": decision.outcome.value}
     if decision.key is not None:
         metadata.update(org_id=decision.key.org_id, key_id=decision.key.key_id)
-    return auth_pb2.CheckResponse(
+    template = auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc_code),
         denied_response=denied,
         dynamic_metadata=_struct(metadata),
     )
+    return template, body_head, body_tail
 
 
 def _extra_headers(decision: Decision) -> list[tuple[str, str]]:
