@@ -251,3 +251,29 @@ def test_hasp_keys_unreachable_cluster_exit_3(tmp_path: Path):
     assert [org["org_id"] for org in json.loads(cli.ok("orgs", "list", "--json"))] == [
         "acme"
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://:S3cr/et@127.0.0.1:7000",
+        "redis+cluster://u:S3cr?et@127.0.0.1:7000",
+        "redis+sentinel://u:S3cr/et@127.0.0.1:26379/mymaster",
+        "redis://:S3cr/et@127.0.0.1:6379/0",
+    ],
+)
+def test_url_error_hides_password_pieces(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_redis_url(url)
+
+    message = str(caught.value)
+    assert "S3cr" not in message
+    assert "'et" not in message
+
+
+def test_sentinel_password_keeps_plus() -> None:
+    target = parse_redis_url(
+        "redis+sentinel://127.0.0.1:26379/mymaster?sentinel_password=a+b%2Bc"
+    )
+
+    assert target.sentinel_password == "a+b+c"

@@ -10,6 +10,7 @@ or Sentinel gets a SENTINEL FAILOVER command.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -206,3 +207,49 @@ def test_subscriber_follows_marker_on_primary(
         1.0,
         "a 503 once the marker is gone",
     )
+
+
+@pytest.mark.parametrize("cache_size", ["0", "100000"])
+def test_returning_old_primary_never_allows_revoked_key(
+    tmp_path: Path,
+    group: SentinelGroup,
+    cli: KeysCli,
+    redis_prefix: str,
+    cache_size: str,
+):
+    # A server that gets no Checks while the primary is frozen keeps its open
+    # connections to it. When the old primary comes back it still replies,
+    # with data from before the failover, until the Sentinels demote it.
+    cli.ok("orgs", "create", "acme", "--baa")
+    key = cli.create_key("acme", "split")
+    cli.ok("sync")
+    servers = authz_server(
+        tmp_path, group.url, redis_prefix, "--cache-size", cache_size
+    )
+    server = next(servers)
+    old = group.server_on(group.primary_port())
+    try:
+        wait_for(lambda: check_status(server, key["token"]) == 200, 10, "an allow")
+        group.wait_for_replication()
+        assert old.process is not None
+
+        old.process.send_signal(signal.SIGSTOP)
+        try:
+            group.wait_for_new_primary(old.port)
+            cli.ok("revoke", key["key_id"])
+        finally:
+            old.process.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+
+        statuses = []
+        while time.monotonic() - resumed_at < 6.0:
+            statuses.append(check_status(server, key["token"]))
+            time.sleep(0.1)
+    finally:
+        servers.close()
+
+    # One primary check interval may pass before the server notices; the
+    # revoked key must never be allowed after that.
+    late = statuses[int(2.0 / 0.1) :]
+    assert 200 not in late, statuses
+    assert statuses[-1] == 401, statuses

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -118,6 +118,37 @@ def parse_redis_url(url: str) -> RedisTarget:
 
     Raises ValueError with a message that never contains a password.
     """
+    try:
+        return _parse_redis_url(url)
+    except ValueError as error:
+        raise ValueError(scrub_credentials(str(error), url)) from None
+
+
+def scrub_credentials(text: str, url: str) -> str:
+    """Replace every piece of ``url``'s user info in ``text`` with ``***``.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` splits the URL in the
+    wrong place, and a parser's error message then quotes a part of it. The
+    user info ends at the last ``@``, and each of its pieces between
+    delimiters is hidden wherever it stands alone in ``text``.
+    """
+    _, separator, rest = url.partition("://")
+    user_info = rest.rpartition("@")[0] if separator else url.rpartition("@")[0]
+    if not user_info:
+        return text
+    pieces = {user_info, unquote(user_info)}
+    for piece in re.split(r"[:/?#@&=]", user_info):
+        if len(piece) >= 2:
+            pieces.update({piece, unquote(piece)})
+    for piece in sorted(pieces, key=len, reverse=True):
+        # Whole pieces only, so "et" is hidden in "'et@host'" but the word
+        # "parameter" stays readable.
+        pattern = rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])"
+        text = re.sub(pattern, "***", text)
+    return text
+
+
+def _parse_redis_url(url: str) -> RedisTarget:
     scheme, separator, _ = url.partition("://")
     if not separator or scheme.lower() not in _SCHEMES:
         # redis-py checks the redis://, rediss:// and unix:// forms.
@@ -167,14 +198,19 @@ def _check_connection_options(kwargs: dict) -> None:
 
 def _query(text: str, mode: str) -> dict[str, str]:
     allowed = {"sentinel_password"} if mode == SENTINEL else set()
-    values = parse_qs(text, keep_blank_values=True)
+    # Decoded as in the user info, so "+" stays "+" (parse_qs would make it a
+    # space, and a password with "+" would then fail to authenticate).
+    values = {}
+    for part in filter(None, text.split("&")):
+        name, _, value = part.partition("=")
+        values[unquote(name)] = unquote(value)
     unknown = sorted(set(values) - allowed)
     if unknown:
         accepted = ", ".join(sorted(allowed)) or "none"
         raise ValueError(
             f"unknown query parameter {unknown[0]!r} (accepted: {accepted})"
         )
-    return {name: value[-1] for name, value in values.items()}
+    return values
 
 
 def _nodes(text: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -456,3 +492,42 @@ def primary_run_ids(client: SyncClient) -> frozenset[str]:
             replies = {"": replies}
         return frozenset(str(info["run_id"]) for info in replies.values())
     return frozenset({str(client.info("server")["run_id"])})
+
+
+# Seconds between two questions to the Sentinels about the primary.
+PRIMARY_CHECK_SECONDS = 1.0
+
+
+async def refresh_sentinel_primary(client: AsyncClient) -> tuple[str, int] | None:
+    """Ask the Sentinels for the primary; on a change, close every connection.
+
+    redis-py's Sentinel pool asks only when it opens a connection, so open
+    connections would go on reading a demoted primary, which still answers
+    with data from before the failover. Returns the new primary's address if
+    it changed, else None, also for a client that is not Sentinel-managed.
+    Raises redis-py's errors when no Sentinel answers.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        return None
+    before = pool.master_address
+    # get_master_address records the new address and closes idle connections.
+    address = await pool.get_master_address()
+    if before is None or address == before:
+        return None
+    # A connection that a Check uses now would go back to the pool unchanged.
+    await pool.disconnect(inuse_connections=True)
+    return address
+
+
+def refresh_sentinel_primary_sync(client: SyncClient) -> tuple[str, int] | None:
+    """Do what refresh_sentinel_primary does, for a synchronous client."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        return None
+    before = pool.master_address
+    address = pool.get_master_address()
+    if before is None or address == before:
+        return None
+    pool.disconnect(inuse_connections=True)
+    return address

@@ -36,10 +36,14 @@ from hasp_authz.ops_http import OpsHttpServer, ReadinessProbe
 from hasp_authz.proto import envoy_service_auth_v3_pb2_grpc as auth_grpc
 from hasp_authz.records import RedisLayout
 from hasp_authz.redis_clients import (
+    PRIMARY_CHECK_SECONDS,
+    REDIS_ERRORS,
+    SENTINEL,
     AsyncClient,
     async_client,
     close_async_client,
     parse_redis_url,
+    refresh_sentinel_primary,
 )
 from hasp_authz.reload import RouteReloader
 from hasp_authz.routes import RouteTable, load_route_table
@@ -133,7 +137,7 @@ class AuthzService:
         layout = RedisLayout(settings.redis_prefix)
         self.client = build_redis_client(settings)
         self.background_client = build_background_client(settings)
-        lookup, self.subscriber, cache = build_key_lookup(
+        lookup, self.subscriber, self.cache = build_key_lookup(
             settings, self.client, layout, self.metrics
         )
         self.recorder = LastUsedRecorder(self.background_client, layout)
@@ -156,7 +160,7 @@ class AuthzService:
         self.readiness = ReadinessProbe(
             self.background_client,
             layout.complete_marker,
-            (lambda: cache.active) if cache is not None else None,
+            (lambda: self.cache.active) if self.cache is not None else None,
         )
         self.ops_http: OpsHttpServer | None = None
         if settings.metrics_listen != METRICS_OFF:
@@ -169,6 +173,38 @@ class AuthzService:
         self.server = grpc.aio.server()
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task] = []
+
+    async def _watch_sentinel_primary(self) -> None:
+        """Follow a Sentinel failover even when no Redis call fails.
+
+        A primary that was frozen and comes back still replies until the
+        Sentinels demote it, with data from before the failover, so a Check
+        on an old connection could allow a key revoked since. On a change
+        every connection is closed and the cache is cleared, because it may
+        hold records read from the old primary.
+        """
+        while True:
+            await asyncio.sleep(PRIMARY_CHECK_SECONDS)
+            changed = None
+            try:
+                for client in (self.client, self.background_client):
+                    changed = await refresh_sentinel_primary(client) or changed
+            except REDIS_ERRORS as error:
+                log.warning(
+                    "cannot ask the Sentinels for the primary: %s",
+                    type(error).__name__,
+                )
+                continue
+            if changed is None:
+                continue
+            if self.cache is not None:
+                self.cache.clear()
+            log.warning(
+                "Redis primary changed to %s:%d; closed the connections to the "
+                "old one and cleared the in-process cache",
+                *changed,
+                extra={"event": "redis_primary_changed"},
+            )
 
     @property
     def routes(self) -> RouteTable:
@@ -192,6 +228,8 @@ class AuthzService:
         if self.subscriber is not None:
             self.tasks.append(asyncio.create_task(self.subscriber.run()))
         self.tasks.append(asyncio.create_task(self.readiness.run()))
+        if parse_redis_url(self.settings.redis_url).mode == SENTINEL:
+            self.tasks.append(asyncio.create_task(self._watch_sentinel_primary()))
         if self.ops_http is not None:
             self.ops_http.start()
         self.reloader.install(asyncio.get_running_loop())

@@ -51,6 +51,7 @@ from hasp_authz.redis_clients import (
     SyncClient,
     close_sync_client,
     primary_run_ids,
+    refresh_sentinel_primary_sync,
 )
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ class SyncWatcher:
             self.full_sync("scheduled")
         elif now >= self._next_marker_check:
             self._next_marker_check = now + self.intervals.marker_check
+            # A demoted primary that returns still answers until the
+            # Sentinels reconfigure it, so the watcher asks them itself and
+            # drops its connections to the old one before it reads or writes.
+            primary = refresh_sentinel_primary_sync(self.client)
+            if primary is not None:
+                log.warning("Redis primary changed to %s:%d", *primary)
             if not self.client.exists(self.layout.complete_marker):
                 self.full_sync("the completeness marker is missing")
             elif primary_run_ids(self.client) != self.primaries:
