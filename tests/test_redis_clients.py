@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,3 +280,38 @@ def test_sentinel_password_keeps_plus() -> None:
     )
 
     assert target.sentinel_password == "a+b+c"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://127.0.0.1:26379/mymaster/99999999999999999999",
+        "redis+sentinel://127.0.0.1:２６３７９/mymaster/0",
+        "redis+cluster://127.0.0.1:７０００",
+        "redis+sentinel://127.0.0.1:26379/mymaster/１",
+    ],
+)
+def test_url_rejects_odd_numbers(url: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        parse_redis_url(url)
+
+
+def test_sentinel_error_names_cause_without_client_repr(tmp_path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("hasp-keys")), "sync"],
+        env={
+            **os.environ,
+            "HASP_KEYSTORE_URL": f"sqlite:///{tmp_path / 'keystore.db'}",
+            "HASP_REDIS_URL": f"redis+sentinel://127.0.0.1:{port}/hasp",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert "No master found for 'hasp' : a Sentinel - " in result.stderr
+    assert "Connection refused" in result.stderr
+    assert "redis.client.Redis" not in result.stderr
+    assert len(result.stderr) < 400

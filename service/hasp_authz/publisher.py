@@ -396,4 +396,30 @@ def _without_password(text: str, password: str | None) -> str:
     # NOTE: a guard only. No redis-py message seen so far contains the password.
     if password:
         text = text.replace(password, "***")
-    return text
+    return _without_client_reprs(text)
+
+
+def _without_client_reprs(text: str) -> str:
+    """Replace each ``<redis.client.Redis(...)>`` repr with ``a Sentinel``.
+
+    redis-py's MasterNotFoundError names every Sentinel it asked by the repr
+    of its client, about 1.5 kB each, which buries the cause that follows it.
+    """
+    result = []
+    index = 0
+    while (start := text.find("<redis.", index)) != -1:
+        result.append(text[index:start])
+        depth = 0
+        end = start
+        while end < len(text):
+            if text[end] == "<":
+                depth += 1
+            elif text[end] == ">":
+                depth -= 1
+                if depth == 0:
+                    break
+            end += 1
+        result.append("a Sentinel")
+        index = end + 1
+    result.append(text[index:])
+    return "".join(result)

@@ -232,7 +232,7 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
         raise ValueError(f"missing host in {item!r}; expected HOST:PORT")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _is_ascii_number(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"invalid port in {item!r}; expected 1 to 65535")
     return host, int(port_text)
 
@@ -248,9 +248,16 @@ def _path(path: str, mode: str) -> tuple[str, int]:
     if len(segments) > 2:
         raise ValueError("expected the path /SERVICE or /SERVICE/DB")
     db_text = segments[1] if len(segments) == 2 and segments[1] else "0"
-    if not db_text.isdigit():
-        raise ValueError(f"invalid database {db_text!r}; expected a number")
+    # Redis' own limit is its `databases` setting, 16 by default; this bound
+    # only rejects numbers that no configuration allows.
+    if not _is_ascii_number(db_text) or int(db_text) >= 2**31:
+        raise ValueError(f"invalid database {db_text!r}; expected a number such as 0")
     return segments[0], int(db_text)
+
+
+def _is_ascii_number(text: str) -> bool:
+    # str.isdigit() is also true for other scripts' digits, such as "７".
+    return text.isascii() and text.isdigit()
 
 
 def example_for(url: str) -> str:
