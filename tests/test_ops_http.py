@@ -250,3 +250,14 @@ def test_probe_reports_unexpected_error(caplog):
 
     assert result == Readiness(False, "readiness probe failed: TypeError")
     assert "readiness probe failed" in caplog.text
+
+
+def test_stop_without_start_returns():
+    server = OpsHttpServer("127.0.0.1:0", Metrics().registry, lambda: NOT_PROBED)
+    port = server.port
+
+    server.stop()
+
+    # The socket is closed, so the port can be bound again.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))

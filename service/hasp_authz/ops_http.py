@@ -188,9 +188,12 @@ class OpsHttpServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket. Blocks until the thread ends."""
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever(), so it would block for good on
+        # a server whose thread never started.
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.thread.join()
         self.httpd.server_close()
-        self.thread.join()
 
 
 def _handler_class(
