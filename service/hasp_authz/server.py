@@ -180,8 +180,10 @@ class AuthzService:
         A primary that was frozen and comes back still replies until the
         Sentinels demote it, with data from before the failover, so a Check
         on an old connection could allow a key revoked since. On a change
-        every connection is closed and the cache is cleared, because it may
-        hold records read from the old primary.
+        every connection is closed, and the cache is bypassed until the change
+        subscription has moved to the new primary: the cache may hold records
+        read from the old primary, and change messages published on the new
+        one do not reach a subscription left on the old one.
         """
         while True:
             await asyncio.sleep(PRIMARY_CHECK_SECONDS)
@@ -198,10 +200,11 @@ class AuthzService:
             if changed is None:
                 continue
             if self.cache is not None:
-                self.cache.clear()
+                self.cache.report_redis_failure()
             log.warning(
                 "Redis primary changed to %s:%d; closed the connections to the "
-                "old one and cleared the in-process cache",
+                "old one and bypass the in-process cache until the change "
+                "subscription is on the new one",
                 *changed,
                 extra={"event": "redis_primary_changed"},
             )
