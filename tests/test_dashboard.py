@@ -84,7 +84,7 @@ def test_dashboard_panel_ids_unique() -> None:
 
 
 def test_dashboard_panels_do_not_overlap() -> None:
-    taken: set[tuple[int, int]] = set()
+    occupied: set[tuple[int, int]] = set()
     for panel in all_panels(load_dashboard()):
         grid = panel["gridPos"]
         cells = {
@@ -92,9 +92,9 @@ def test_dashboard_panels_do_not_overlap() -> None:
             for x in range(grid["x"], grid["x"] + grid["w"])
             for y in range(grid["y"], grid["y"] + grid["h"])
         }
-        assert not cells & taken, panel["title"]
+        assert not cells & occupied, panel["title"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
-        taken |= cells
+        occupied |= cells
 
 
 def test_dashboard_variables() -> None:

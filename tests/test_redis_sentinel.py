@@ -3,7 +3,7 @@
 Each test starts its own group (hasp_authz.dev.redis_server.SentinelGroup):
 one primary, one replica and three Sentinels with quorum 2, which fail over
 after 1 s without a reply from the primary. hasp-keys writes the copy through
-the ``redis+sentinel://`` URL, a ``hasp-authz serve`` process answers Checks
+the ``redis+sentinel://`` URL, a ``hasp-authz serve`` process decides Checks
 from it, and a thread sends Checks without pause while the primary is killed
 or Sentinel gets a SENTINEL FAILOVER command.
 """

@@ -16,7 +16,6 @@ included), every response status line, header and body, the stdout of
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ import redis
 from hasp_authz.dev.stack import BIN_DIR, LocalStack, StackPorts
 from hasp_authz.records import RedisLayout
 from hasp_authz.tokens import TOKEN_PREFIX, generate_token, hash_token
+from test_e2e import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -138,23 +138,9 @@ class Flow:
         token: str | None = None,
     ) -> Exchange:
         """Send one request to Envoy. A repeated header name becomes repeated lines."""
-        connection = http.client.HTTPConnection(
-            "127.0.0.1", self.stack.ports.envoy, timeout=10
-        )
-        try:
-            connection.putrequest(method, path, skip_accept_encoding=True)
-            if token is not None:
-                connection.putheader("Authorization", f"Bearer {token}")
-            for name, value in headers:
-                connection.putheader(name, value)
-            body = b"{}" if method in ("POST", "PUT") else b""
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body)
-            response = connection.getresponse()
-            head = f"HTTP {response.status} {response.reason}\n{response.headers}"
-            exchange = Exchange(label, expected, response.status, head, response.read())
-        finally:
-            connection.close()
+        response = Stack(self.stack, {}, {}).request(method, path, headers, token)
+        head = f"HTTP {response.status}\n{response.headers}"
+        exchange = Exchange(label, expected, response.status, head, response.body)
         self.exchanges.append(exchange)
         return exchange
 

@@ -57,7 +57,7 @@ class Authorizer:
         self.routes = routes
         self.clock = clock
         self.last_used = last_used
-        # A cached copy can answer without awaiting; a plain copy cannot.
+        # Only a cached copy can return a result without awaiting.
         self._cached = copy if isinstance(copy, CachedKeyCopy) else None
 
     async def authorize(

@@ -202,7 +202,7 @@ def _handler_class(
     class OpsHandler(BaseHTTPRequestHandler):
         server_version = "hasp-authz"
         timeout = REQUEST_TIMEOUT_SECONDS
-        # True while answering HEAD: the same status and headers, no body.
+        # True for a HEAD request: the same status and headers, no body.
         _head_only = False
 
         def do_HEAD(self) -> None:  # noqa: N802 - the name is fixed by http.server

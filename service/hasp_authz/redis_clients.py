@@ -17,12 +17,14 @@ separate mode setting because hasp-keys, the sync watcher and the server all
 take the one URL already, and a mode setting would have to be kept in step
 with it everywhere.
 
-The clients are redis-py's own: ``redis.asyncio.sentinel.Sentinel.master_for``
-and ``redis.sentinel.Sentinel.master_for``, whose connection pools ask the
-Sentinels for the primary's address on every new connection, so clients follow
-a failover once their old connections fail; and ``RedisCluster`` from
-``redis.asyncio.cluster`` and ``redis.cluster``, which follow MOVED replies and
-refresh the slot map after a connection error.
+The clients are redis-py's own. For Sentinel they come from
+``Sentinel.master_for`` (``redis.asyncio.sentinel`` and ``redis.sentinel``),
+whose connection pools query the Sentinels for the primary's address on every
+new connection, so clients follow a failover once their old connections fail.
+refresh_sentinel_primary covers connections that do not fail. For a cluster
+they are ``RedisCluster`` (``redis.asyncio.cluster`` and ``redis.cluster``),
+which follows MOVED replies and refreshes the slot map after a connection
+error.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def scrub_credentials(text: str, url: str) -> str:
     A password with an unencoded ``/``, ``?`` or ``#`` splits the URL in the
     wrong place, and a parser's error message then quotes a part of it. The
     user info ends at the last ``@``, and each of its pieces between
-    delimiters is hidden wherever it stands alone in ``text``.
+    delimiters is hidden wherever it occurs as a whole word in ``text``.
     """
     _, separator, rest = url.partition("://")
     user_info = rest.rpartition("@")[0] if separator else url.rpartition("@")[0]
@@ -506,13 +508,13 @@ PRIMARY_CHECK_SECONDS = 1.0
 
 
 async def refresh_sentinel_primary(client: AsyncClient) -> tuple[str, int] | None:
-    """Ask the Sentinels for the primary; on a change, close every connection.
+    """Query the Sentinels for the primary, and close every connection on a change.
 
-    redis-py's Sentinel pool asks only when it opens a connection, so open
-    connections would go on reading a demoted primary, which still answers
-    with data from before the failover. Returns the new primary's address if
-    it changed, else None, also for a client that is not Sentinel-managed.
-    Raises redis-py's errors when no Sentinel answers.
+    redis-py's Sentinel pool queries them only when it opens a connection, so
+    open connections would go on reading a demoted primary, which still
+    replies with data from before the failover. Returns the new primary's
+    address if it changed, else None, also for a client that is not
+    Sentinel-managed. Raises redis-py's errors when no Sentinel replies.
     """
     pool = getattr(client, "connection_pool", None)
     if not isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):

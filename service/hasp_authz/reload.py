@@ -1,7 +1,7 @@
 """Reload the route file on SIGHUP without dropping a request.
 
 The new table is loaded and validated in full in a worker thread, so a large
-file never stalls the event loop that answers Checks. It then replaces the old
+file never stalls the event loop that serves Checks. It then replaces the old
 table by one attribute assignment on the event loop. A Check reads the table
 once per decision, so Checks in flight finish with the table they started
 with. A file that fails to load or validate, for any reason, is rejected with

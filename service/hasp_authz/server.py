@@ -180,10 +180,10 @@ class AuthzService:
         A primary that was frozen and comes back still replies until the
         Sentinels demote it, with data from before the failover, so a Check
         on an old connection could allow a key revoked since. On a change
-        every connection is closed, and the cache is bypassed until the change
-        subscription has moved to the new primary: the cache may hold records
-        read from the old primary, and change messages published on the new
-        one do not reach a subscription left on the old one.
+        every connection is closed. The cache is bypassed until the change
+        subscription has moved to the new primary, because the cache may hold
+        records read from the old primary, and a subscription left there
+        misses the change messages published on the new one.
         """
         while True:
             await asyncio.sleep(PRIMARY_CHECK_SECONDS)

@@ -72,7 +72,7 @@ PUBLIC_ROUTE = "public"
 
 @dataclass(slots=True)
 class _Verdict:
-    """What one Check decided, for its response, metrics and log line."""
+    """The outcome of one Check, for its response, metrics and log line."""
 
     decision: Decision
     request_id: str

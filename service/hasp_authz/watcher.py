@@ -122,8 +122,8 @@ class SyncWatcher:
             self.full_sync("scheduled")
         elif now >= self._next_marker_check:
             self._next_marker_check = now + self.intervals.marker_check
-            # A demoted primary that returns still answers until the
-            # Sentinels reconfigure it, so the watcher asks them itself and
+            # A demoted primary that returns still replies until the
+            # Sentinels reconfigure it, so the watcher queries them itself and
             # drops its connections to the old one before it reads or writes.
             primary = refresh_sentinel_primary_sync(self.client)
             if primary is not None:

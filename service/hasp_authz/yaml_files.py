@@ -48,8 +48,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: Path | str, what: str, max_bytes: int = MAX_BYTES) -> Any:
-    """Parse the YAML document in ``path``; ``what`` names the file in errors.
+def read_yaml(path: Path | str, description: str, max_bytes: int = MAX_BYTES) -> Any:
+    """Parse the YAML document in ``path``; ``description`` names the file in errors.
 
     Raises YamlFileError.
     """
@@ -57,19 +57,22 @@ def read_yaml(path: Path | str, what: str, max_bytes: int = MAX_BYTES) -> Any:
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
-            raise YamlFileError(f"{what} {path} is not a regular file")
+            raise YamlFileError(f"{description} {path} is not a regular file")
         if info.st_size > max_bytes:
             raise YamlFileError(
-                f"{what} {path} is {info.st_size} bytes; the limit is {max_bytes}"
+                f"{description} {path} is {info.st_size} bytes; the limit is "
+                f"{max_bytes}"
             )
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise YamlFileError(f"cannot read {what} {path}: {error}") from error
+        raise YamlFileError(f"cannot read {description} {path}: {error}") from error
     except UnicodeDecodeError as error:
-        raise YamlFileError(f"{what} {path} is not UTF-8: {error}") from error
+        raise YamlFileError(f"{description} {path} is not UTF-8: {error}") from error
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
-        raise YamlFileError(f"{what} {path} is not valid YAML: {error}") from error
+        raise YamlFileError(
+            f"{description} {path} is not valid YAML: {error}"
+        ) from error
     except RecursionError:
-        raise YamlFileError(f"{what} {path} is nested too deeply") from None
+        raise YamlFileError(f"{description} {path} is nested too deeply") from None

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 import redis
 
@@ -192,7 +193,36 @@ class SentinelServer(RedisServer):
         return [find_redis_server(), str(self.config_path), "--sentinel"]
 
 
-class SentinelGroup:
+class _ServerGroup:
+    """Several redis-server processes started and stopped as one.
+
+    Subclasses start their processes in ``_start`` and stop them in ``stop``.
+    A failed start stops whatever had started.
+    """
+
+    def start(self, timeout: float = 20.0) -> Self:
+        """Start every process and wait up to ``timeout`` s until they are ready."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class SentinelGroup(_ServerGroup):
     """A primary, its replicas and the Sentinels that monitor them, on 127.0.0.1.
 
     The Sentinels start a failover once ``quorum`` of them have had no valid
@@ -226,16 +256,8 @@ class SentinelGroup:
         hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
         return f"redis+sentinel://{hosts}/{self.service_name}/0"
 
-    def start(self, timeout: float = 20.0) -> SentinelGroup:
-        """Start the servers, then the Sentinels, and wait until all see each other."""
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self, timeout: float) -> None:
+        """Start the servers, then the Sentinels, and wait until all see each other."""
         primary = RedisServer(workdir=self._directory("primary")).start()
         self.servers.append(primary)
         for number in range(self.replica_count):
@@ -336,12 +358,6 @@ class SentinelGroup:
         self.sentinels.clear()
         self.servers.clear()
 
-    def __enter__(self) -> SentinelGroup:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
 
 # Number of hash slots in a Redis Cluster.
 CLUSTER_SLOTS = 16384
@@ -363,7 +379,7 @@ def free_cluster_port() -> int:
         return port
 
 
-class RedisClusterServers:
+class RedisClusterServers(_ServerGroup):
     """A Redis Cluster of ``primaries`` nodes without replicas, on 127.0.0.1.
 
     The hash slots are split into equal ranges, one per node. ``url`` is the
@@ -383,16 +399,8 @@ class RedisClusterServers:
         hosts = ",".join(f"127.0.0.1:{server.port}" for server in self.servers)
         return f"redis+cluster://{hosts}"
 
-    def start(self, timeout: float = 20.0) -> RedisClusterServers:
-        """Start the nodes, assign the slots, join them, and wait for state ok."""
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self, timeout: float) -> None:
+        """Start the nodes, assign the slots, join them, and wait for state ok."""
         for number in range(self.primary_count):
             workdir = self.workdir / f"node-{number}"
             workdir.mkdir(parents=True, exist_ok=True)
@@ -443,9 +451,3 @@ class RedisClusterServers:
         for server in self.servers:
             server.stop()
         self.servers.clear()
-
-    def __enter__(self) -> RedisClusterServers:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

@@ -66,13 +66,13 @@ def build_request(headers: list[tuple[str, str]]) -> auth_pb2.CheckRequest:
 
 
 def build_servicer(token: str) -> AuthorizationServicer:
-    """Return a servicer whose cache holds ``token``'s key, as after a first Check."""
+    """Return a servicer whose cache contains ``token``'s key, as after one Check."""
     cache = RecordCache(1000, 30.0, 1.0)
     cache.active = True
     key = KeyRecord("key_bench", "org_bench", ("ai:chat",))
     cache.put(hash_token(token), (key, OrgRecord("org_bench", True)), 0)
     metrics = Metrics()
-    # The cache answers every lookup, so the copy behind it is never called.
+    # Every lookup is a cache hit, so the copy behind the cache is never called.
     lookup = CachedKeyCopy(None, cache, metrics.observe_cache)  # type: ignore[arg-type]
     authorizer = Authorizer(lookup, load_route_table())
     return AuthorizationServicer(authorizer, budget_seconds=0.2, metrics=metrics)
